@@ -1,0 +1,224 @@
+"""The one configuration object of a trial: built by the CLI, overridden by the search
+space, rebuilt from Ray's dict in the trainable, logged to MLflow, written out by export.
+
+Standard library only, so every layer can import it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+Task = Literal["denoise", "inpaint", "sr", "reconstruct"]
+NoiseMode = Literal[
+    "uniform", "gaussian", "gaussian_resample", "ddpm", "ddpm_resample", "ddpm_random_t"
+]
+Schedule = Literal["linear", "cosine"]
+Network = Literal["skip", "unet"]
+Upsample = Literal["bilinear", "nearest"]
+Loss = Literal["mse", "l1"]
+Color = Literal["auto", "gray", "rgb"]
+
+TASKS: tuple[str, ...] = get_args(Task)
+NOISE_MODES: tuple[str, ...] = get_args(NoiseMode)
+DDPM_MODES: tuple[str, ...] = ("ddpm", "ddpm_resample", "ddpm_random_t")
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+NETWORKS: tuple[str, ...] = get_args(Network)
+UPSAMPLES: tuple[str, ...] = get_args(Upsample)
+LOSSES: tuple[str, ...] = get_args(Loss)
+COLORS: tuple[str, ...] = get_args(Color)
+
+# Images scikit-image 0.26 bundles (they load with no network). Others in skimage.data
+# are fetched on first use and fail offline, so they are not offered.
+BUNDLED_IMAGES: tuple[str, ...] = (
+    "astronaut", "brick", "camera", "cell", "chelsea", "checkerboard", "clock", "coffee",
+    "coins", "colorwheel", "grass", "gravel", "horse", "hubble_deep_field",
+    "immunohistochemistry", "logo", "microaneurysms", "moon", "page", "retina", "rocket",
+    "shepp_logan_phantom", "text",
+)
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    # --- data ---
+    images: tuple[str, ...] = ("camera",)  # bundled names or paths to PNG/JPEG files or folders
+    size: int = 64                # side of the square crop the images are resized to (px)
+    color: Color = "auto"         # auto keeps each image's own channels; gray/rgb convert
+    task: Task = "denoise"        # the degradation the network must undo
+    sigma: float = 25 / 255       # denoise: std of the additive Gaussian noise on [0, 1]
+    missing: float = 0.5          # inpaint: fraction of pixels hidden by the random mask
+    sr_factor: int = 4            # sr: downsampling factor of the observation
+    # --- network input ---
+    noise_mode: NoiseMode = "ddpm"  # how the network input is made (see noise/inputs.py)
+    timestep: int = 100           # DDPM t (ddpm modes; ddpm_random_t draws from 0..timestep)
+    schedule: Schedule = "linear"  # DDPM beta schedule
+    num_timesteps: int = 1000     # DDPM T
+    input_depth: int = 32         # channels of the uniform/gaussian inputs (DIP reference: 32)
+    reg_noise_std: float = 1 / 30  # uniform: std of the fresh perturbation per iteration
+    # --- network ---
+    net: Network = "skip"         # skip: DIP reference; unet: the original experiment's
+    scales: int = 3               # encoder-decoder depth (reference: 5)
+    channels: int = 32            # channels per scale, down and up (reference: 128)
+    skip_channels: int = 4        # channels of each skip connection (reference: 4)
+    upsample: Upsample = "bilinear"  # upsampling on the decoder path
+    # --- optimisation ---
+    lr: float = 0.01              # Adam learning rate (reference: 0.01)
+    loss: Loss = "mse"            # mse as the reference; l1 as the original experiment
+    iterations: int = 300         # optimisation steps
+    ema_weight: float = 0.99      # weight of the running average of outputs (reference: 0.99)
+    eval_draws: int = 4           # stochastic inputs: outputs averaged over this many draws
+    report_every: int = 25        # iterations between reports
+    seed: int = 0                 # seeds network init, degradation and input draws
+    device: str = "auto"          # auto: cuda if available, else cpu
+
+    def __post_init__(self) -> None:
+        # Ray and JSON hand lists back; keep the config hashable and comparable.
+        if isinstance(self.images, (list, str)):
+            object.__setattr__(
+                self, "images", (self.images,) if isinstance(self.images, str) else tuple(self.images)
+            )
+        validate(self)
+
+    # --- derived ---
+    @property
+    def is_ddpm(self) -> bool:
+        return self.noise_mode in DDPM_MODES
+
+    @property
+    def min_size(self) -> int:
+        """Smallest side the network's scales divide (each scale halves the image)."""
+        return 2 ** self.scales
+
+    # --- round trip ---
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["images"] = list(self.images)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown config key(s) {', '.join(unknown)}; allowed keys: {', '.join(sorted(names))}"
+            )
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "TrialConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The config part of a JSON file: a bare config, or an export with a `config` key."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read config file {str(p)!r}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {str(p)!r} is not valid JSON: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(p)!r} must hold a JSON object")
+    return data
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _number(name: str, value: Any, kind: type, lo: float | None = None,
+            hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> None:
+    ok_type = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float:
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok_type or (kind is float and not math.isfinite(value)):
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a finite number'}, got {value!r}")
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    above = hi is not None and (value >= hi if hi_open else value > hi)
+    if below or above:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise ValueError(f"{name} = {value!r} is out of range; allowed: {rng}")
+
+
+def check_image_spec(spec: Any) -> None:
+    """A bundled name, or an existing PNG/JPEG file or folder; the pixels are read later."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"image must be a name or a path, got {spec!r}")
+    if spec in BUNDLED_IMAGES:
+        return
+    p = Path(spec)
+    if p.is_dir():
+        if not any(q.suffix.lower() in IMAGE_SUFFIXES for q in p.iterdir()):
+            raise ValueError(f"image folder {spec!r} holds no PNG or JPEG file")
+        return
+    if p.is_file():
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"image file {spec!r} is not a PNG or JPEG ({', '.join(IMAGE_SUFFIXES)})")
+        if not os.access(p, os.R_OK):
+            raise ValueError(f"image file {spec!r} is not readable")
+        return
+    raise ValueError(
+        f"unknown image {spec!r}: not a file or folder, nor a bundled image "
+        f"({', '.join(BUNDLED_IMAGES)})"
+    )
+
+
+def validate(c: TrialConfig) -> None:
+    """Raise ValueError with one sentence naming the bad value and what is allowed."""
+    if not c.images:
+        raise ValueError("images must name at least one image")
+    for spec in c.images:
+        check_image_spec(spec)
+    _choice("task", c.task, TASKS)
+    _choice("noise_mode", c.noise_mode, NOISE_MODES)
+    _choice("schedule", c.schedule, SCHEDULES)
+    _choice("net", c.net, NETWORKS)
+    _choice("upsample", c.upsample, UPSAMPLES)
+    _choice("loss", c.loss, LOSSES)
+    _choice("color", c.color, COLORS)
+    _number("num_timesteps", c.num_timesteps, int, 2, 100_000)
+    _number("timestep", c.timestep, int, 0, c.num_timesteps - 1)
+    _number("scales", c.scales, int, 1, 8)
+    _number("channels", c.channels, int, 1, 1024)
+    _number("skip_channels", c.skip_channels, int, 0, 1024)
+    _number("input_depth", c.input_depth, int, 1, 1024)
+    _number("size", c.size, int, 8, 4096)
+    if c.size < 2 * c.min_size:  # reflection padding needs a 2x2 map at the bottom
+        raise ValueError(
+            f"size = {c.size} is too small for {c.scales} scales; allowed: at least {2 * c.min_size}"
+        )
+    if c.size % c.min_size:
+        raise ValueError(
+            f"size = {c.size} is not divisible by 2**scales = {c.min_size}; "
+            f"allowed: a multiple of {c.min_size} (e.g. {max(c.min_size, c.size - c.size % c.min_size)})"
+        )
+    _number("sigma", c.sigma, float, 0, 1)
+    _number("missing", c.missing, float, 0, 1, hi_open=True)
+    _number("sr_factor", c.sr_factor, int, 2, 16)
+    if c.task == "sr" and c.size % c.sr_factor:
+        raise ValueError(f"size = {c.size} is not divisible by sr_factor = {c.sr_factor}")
+    _number("reg_noise_std", c.reg_noise_std, float, 0, 10)
+    _number("lr", c.lr, float, 0, 10, lo_open=True)
+    _number("iterations", c.iterations, int, 1, 10_000_000)
+    _number("ema_weight", c.ema_weight, float, 0, 1, hi_open=True)
+    _number("eval_draws", c.eval_draws, int, 1, 1000)
+    _number("report_every", c.report_every, int, 1, 10_000_000)
+    _number("seed", c.seed, int, 0, 2**63 - 1)
+    if not isinstance(c.device, str) or not (
+        c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:")
+    ):
+        raise ValueError(f"unknown device {c.device!r}; allowed: auto, cpu, cuda, cuda:N")

@@ -1,0 +1,60 @@
+"""`run_study.py train`: one trial on this machine, no Ray and no MLflow."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from study import images as img
+from study.config import TrialConfig
+from study.trial import Trial, run_trial
+
+
+def progress_line(m: dict[str, float], total: int) -> str:
+    return (
+        f"it {int(m['iteration']):>6}/{total}  loss {m['loss']:.5f}  psnr {m['psnr']:6.2f}  "
+        f"ema {m['psnr_ema']:6.2f}  ssim_ema {m['ssim_ema']:.3f}  "
+        f"best(oracle) {m['psnr_best']:6.2f}@{int(m['best_iteration'])}  "
+        f"{m['seconds_per_iteration']:.3f} s/it"
+    )
+
+
+def save_images(trial: Trial, out: Path) -> None:
+    """observation.png, input.png, output.png (and output_ema.png); prefixed by the image
+    label when a trial has several images."""
+    for run in trial.runs:
+        pre = f"{run.label}_" if len(trial.runs) > 1 else ""
+        img.save_png(run.data.observation, out / f"{pre}observation.png")
+        img.save_png(run.dip_input.view(), out / f"{pre}input.png")
+        img.save_png(trial.output(run), out / f"{pre}output.png")
+        if run.ema is not None:
+            img.save_png(run.ema, out / f"{pre}output_ema.png")
+
+
+def train(cfg: TrialConfig, out: Path, quiet: bool = False) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    trial = Trial(cfg)
+    obs = trial.observation_metrics()
+    if not quiet:
+        labels = ", ".join(r.label for r in trial.runs)
+        print(f"training {cfg.net} on {labels} ({cfg.task}, {cfg.size}px, {cfg.noise_mode}"
+              f"{f' t={cfg.timestep}' if cfg.is_ddpm else ''}, lr {cfg.lr}) on {trial.device}; "
+              f"observation psnr {obs['psnr_observation']:.2f} ssim {obs['ssim_observation']:.3f}",
+              flush=True)
+
+    def report(m: dict[str, float], _trial: Trial) -> None:
+        if not quiet:
+            print(progress_line(m, cfg.iterations), flush=True)
+
+    result = run_trial(cfg, report, trial=trial)
+    result["wall_seconds"] = time.perf_counter() - t0
+    save_images(trial, out)
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if not quiet:
+        print(f"done: psnr {result['psnr']:.2f}, ema {result['psnr_ema']:.2f}, "
+              f"ssim {result['ssim']:.3f} (observation {result['psnr_observation']:.2f}); "
+              f"wrote {out}/result.json", file=sys.stdout, flush=True)
+    return result

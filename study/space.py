@@ -1,0 +1,151 @@
+"""The search space: what Optuna proposes for each trial (define-by-run), and the space
+file (YAML or JSON) that narrows or widens it.
+
+A space file maps a TrialConfig field to one of:
+    [a, b, c]               categorical choice
+    {low: x, high: y}       a range (add `log: true` for a log scale; ints stay ints)
+    value                   fixed: not searched
+Example:
+    noise_mode: [uniform, ddpm, ddpm_resample]
+    timestep: {low: 0, high: 300}
+    lr: {low: 1.0e-4, high: 0.1, log: true}
+    channels: [16, 32]
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from study.config import DDPM_MODES, NOISE_MODES, TrialConfig
+
+# The default space: every input mode, t over the useful range of the linear schedule
+# (alpha_bar_300 = 0.39: past that little of the image survives), lr on a log scale.
+DEFAULT_SPACE: dict[str, Any] = {
+    "noise_mode": list(NOISE_MODES),
+    "timestep": {"low": 0, "high": 300},
+    "lr": {"low": 1e-4, "high": 1e-1, "log": True},
+}
+# Only meaningful for some modes: suggested only when the mode uses them.
+CONDITIONAL = {"timestep": DDPM_MODES, "reg_noise_std": ("uniform",)}
+NOT_SEARCHABLE = ("images", "device", "iterations", "report_every", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str                     # "choice", "int", "float" or "fixed"
+    choices: tuple = ()
+    low: float = 0
+    high: float = 0
+    log: bool = False
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.kind == "choice":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def extremes(self) -> list[Any]:
+        """Values that span this parameter, for checking against the base config."""
+        if self.kind in ("choice", "fixed"):
+            return list(self.choices)
+        return [int(self.low), int(self.high)] if self.kind == "int" else [self.low, self.high]
+
+    def to_spec(self) -> Any:
+        if self.kind == "choice":
+            return list(self.choices)
+        if self.kind == "fixed":
+            return self.choices[0]
+        return {"low": self.low, "high": self.high, "log": self.log}
+
+
+def _parse_param(name: str, spec: Any, base: TrialConfig) -> Param:
+    default = getattr(base, name)
+    if isinstance(spec, list):
+        if not spec:
+            raise ValueError(f"space parameter {name!r} has an empty list of choices")
+        return Param(name, "choice", tuple(spec))
+    if isinstance(spec, dict):
+        extra = set(spec) - {"low", "high", "log"}
+        if extra or not {"low", "high"} <= set(spec):
+            raise ValueError(f"space parameter {name!r} must be {{low, high[, log]}}, got {spec!r}")
+        low, high, log = spec["low"], spec["high"], bool(spec.get("log", False))
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+            raise ValueError(f"space parameter {name!r}: low and high must be numbers, got {spec!r}")
+        if low > high:
+            raise ValueError(f"space parameter {name!r}: low = {low} is above high = {high}")
+        if log and low <= 0:
+            raise ValueError(f"space parameter {name!r}: a log range needs low > 0, got {low}")
+        kind = "int" if isinstance(default, int) and not isinstance(default, bool) else "float"
+        if kind == "int" and not all(float(v).is_integer() for v in (low, high)):
+            raise ValueError(f"space parameter {name!r} is an integer; got range {low}..{high}")
+        return Param(name, kind, (), low, high, log)
+    return Param(name, "fixed", (spec,))
+
+
+class SearchSpace:
+    """Parsed, validated space; callable as Optuna's define-by-run function (a class, not a
+    closure, so Ray can pickle it into the searcher's checkpoint)."""
+
+    def __init__(self, spec: dict[str, Any], base: TrialConfig):
+        if not isinstance(spec, dict) or not spec:
+            raise ValueError("a search space must be a non-empty mapping of parameter to range")
+        fields = {f.name for f in dataclasses.fields(TrialConfig)}
+        for name in spec:
+            if name not in fields or name in NOT_SEARCHABLE:
+                allowed = sorted(fields - set(NOT_SEARCHABLE))
+                raise ValueError(f"unknown search-space parameter {name!r}; allowed: {', '.join(allowed)}")
+        self.params = [_parse_param(n, s, base) for n, s in spec.items()]
+        self.spec = {p.name: p.to_spec() for p in self.params}
+        self._check(base)
+
+    def _check(self, base: TrialConfig) -> None:
+        """Every value the space can propose must make a valid TrialConfig."""
+        for p in self.params:
+            for v in p.extremes():
+                try:
+                    base.replace(**{p.name: v})
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"search space: {p.name} = {v!r} is not allowed: {e}") from None
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Define-by-run: suggest each parameter; those a mode does not use are skipped, so
+        Optuna's history holds only values that mattered. Returns the fixed values."""
+        chosen: dict[str, Any] = {}
+        fixed: dict[str, Any] = {}
+        for p in self.params:
+            mode = chosen.get("noise_mode", fixed.get("noise_mode"))
+            if p.name in CONDITIONAL and mode is not None and mode not in CONDITIONAL[p.name]:
+                continue
+            if p.kind == "fixed":
+                fixed[p.name] = p.choices[0]
+            else:
+                chosen[p.name] = p.suggest(trial)
+        return fixed
+
+
+def load_space(path: str | None, base: TrialConfig) -> SearchSpace:
+    """The default space, or the one in a YAML/JSON file."""
+    if path is None:
+        return SearchSpace(dict(DEFAULT_SPACE), base)
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ValueError(f"cannot read space file {path!r}: {e.strerror}") from None
+    try:
+        spec = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"space file {path!r} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+    return SearchSpace(spec, base)
+
+
+def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
+    """TPE, seeded, so a study's proposals repeat for the same seed."""
+    return optuna.samplers.TPESampler(seed=seed)
