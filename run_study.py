@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from study.cliargs import add_config_flags, build_config
+from study.config import BUNDLED_IMAGES, METRICS
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,20 +60,145 @@ def check_writable(path: Path) -> None:
         raise ValueError(f"cannot write to {str(path)!r}: {str(probe)!r} is not a writable folder")
 
 
+def _study_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="study name [demo-TIMESTAMP]")
+    p.add_argument("--root", help="absolute folder for every study's data [./studies, made absolute]")
+    p.add_argument("--num-samples", type=int, help="trials in the study [8]")
+    p.add_argument("--metric", help="objective at each trial's end [psnr_ema]; one of: " + ", ".join(METRICS))
+    p.add_argument("--scheduler", help="early stopping [asha]; one of: asha, median, fifo")
+    p.add_argument("--grace-period", type=int, help="iterations before a trial may be stopped [iterations/4]")
+    p.add_argument("--space", dest="space_file", metavar="FILE.yaml", help="search space file (YAML or JSON)")
+    p.add_argument("--address", help="Ray cluster address: HOST:PORT, auto or ray://HOST:PORT [local Ray]")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI [sqlite:///ROOT/mlflow.db]")
+    p.add_argument("--storage", help="Ray storage for results/checkpoints, e.g. s3://bucket/dip [ROOT/NAME/ray]")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed [1 if the cluster has GPUs, else 0]")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial [1]")
+    p.add_argument("--max-concurrent", type=int, help="trials at once [as many as fit]")
+    p.add_argument("--seed", dest="study_seed", type=int, help="seeds Optuna's sampler and the trials [0]")
+    p.add_argument("--image-every", type=int, help="iterations between output images in MLflow [100]")
+    p.add_argument("--config", metavar="FILE.json", help="base trial config (or an export); flags override it")
+    add_config_flags(p, skip=("seed",))
+
+
+STUDY_FLAGS = {"name", "root", "num_samples", "metric", "scheduler", "grace_period", "space_file",
+               "address", "tracking_uri", "storage", "gpus_per_trial", "cpus_per_trial",
+               "max_concurrent", "image_every"}
+
+
+def default_root() -> str:
+    return str(Path.cwd() / "studies")
+
+
+def _root(ns: argparse.Namespace) -> str:
+    if ns.root is None:
+        return default_root()
+    if not os.path.isabs(ns.root):
+        raise ValueError(f"--root {ns.root!r} must be an absolute path (e.g. {Path(ns.root).absolute()})")
+    return os.path.normpath(ns.root)
+
+
+def build_study(ns: argparse.Namespace) -> "StudyConfig":
+    from study.config import StudyConfig
+
+    base = {"seed": ns.study_seed} if ns.study_seed is not None else {}
+    trial = build_config(ns, base)
+    # Paths reach Ray workers, whose working folder differs: make them absolute.
+    trial = trial.replace(images=tuple(i if i in BUNDLED_IMAGES else os.path.abspath(i) for i in trial.images))
+    d = {k: getattr(ns, k) for k in STUDY_FLAGS if getattr(ns, k, None) is not None}
+    d["root"] = _root(ns)
+    d.setdefault("name", f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    if ns.study_seed is not None:
+        d["seed"] = ns.study_seed
+    return StudyConfig(trial=trial, **d)
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from study import service
+
+    try:
+        s = build_study(ns)
+        print(f"study {s.name!r}: {s.num_samples} trials of {s.trial.iterations} iterations on "
+              f"{', '.join(s.trial.images)} ({s.trial.task}, {s.trial.size}px), metric {s.metric}; "
+              f"data under {s.root}", flush=True)
+        return service.run(s)
+    except ValueError as e:
+        return _user_error(e)
+
+
+def cmd_resume(ns: argparse.Namespace) -> int:
+    from study import service
+
+    try:
+        return service.resume(_root(ns), ns.study, ns.address or "")
+    except ValueError as e:
+        return _user_error(e)
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from study import service
+
+    try:
+        out = Path(ns.out).absolute()
+        check_writable(out.parent)
+        best = service.export_study(_root(ns), ns.study, out)
+    except ValueError as e:
+        return _user_error(e)
+    print(f"exported trial {best['trial_id']} ({best['metric']} = {best['value']:.4f}, "
+          f"MLflow run {best['mlflow_run_id']}) to {out}")
+    return 0
+
+
+def cmd_ui(ns: argparse.Namespace) -> int:
+    from study import service
+
+    try:
+        cmd = service.ui_command(_root(ns), ns.host, ns.port)
+    except ValueError as e:
+        return _user_error(e)
+    print(f"MLflow UI at http://{ns.host}:{ns.port}  (Ctrl-C stops it)", flush=True)
+    os.execv(cmd[0], cmd)
+
+
+def _user_error(e: Exception) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _service_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a study: Ray Tune + Optuna, recorded in MLflow")
+    _study_flags(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("resume", help="continue an interrupted study")
+    p.add_argument("study", metavar="NAME")
+    p.add_argument("--root", help="the study's root [./studies]")
+    p.add_argument("--address", help="Ray cluster address [the study's own]")
+    p.set_defaults(func=cmd_resume)
+    p = sub.add_parser("export", help="write the best configuration of a study as JSON")
+    p.add_argument("study", metavar="NAME")
+    p.add_argument("--root", help="the study's root [./studies]")
+    p.add_argument("--out", required=True, metavar="FILE.json", help="where to write it")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("ui", help="open the MLflow UI on a root's store")
+    p.add_argument("--root", help="the root [./studies]")
+    p.add_argument("--host", default="127.0.0.1", help="[127.0.0.1]")
+    p.add_argument("--port", type=int, default=5000, help="[5000]")
+    p.set_defaults(func=cmd_ui)
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_study.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
     _train_parser(sub)
+    _service_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     ns = parser.parse_args(argv)
-    if ns.command is None:
-        parser.print_help()
-        return 0
+    if ns.command is None:  # the bare command: a small study with the embedded defaults
+        ns = parser.parse_args(["run", *(argv or [])])
     return ns.func(ns)
 
 

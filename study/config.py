@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -179,6 +180,8 @@ def check_image_spec(spec: Any) -> None:
 
 def validate(c: TrialConfig) -> None:
     """Raise ValueError with one sentence naming the bad value and what is allowed."""
+    if not isinstance(c.images, tuple):
+        raise ValueError(f"images must be a list of names or paths, got {c.images!r}")
     if not c.images:
         raise ValueError("images must name at least one image")
     for spec in c.images:
@@ -196,7 +199,8 @@ def validate(c: TrialConfig) -> None:
     _number("channels", c.channels, int, 1, 1024)
     _number("skip_channels", c.skip_channels, int, 0, 1024)
     _number("input_depth", c.input_depth, int, 1, 1024)
-    _number("size", c.size, int, 8, 4096)
+    # 16: SSIM's 11x11 Gaussian window (sigma 1.5, Wang et al. 2004) must fit the image.
+    _number("size", c.size, int, 16, 4096)
     if c.size < 2 * c.min_size:  # reflection padding needs a 2x2 map at the bottom
         raise ValueError(
             f"size = {c.size} is too small for {c.scales} scales; allowed: at least {2 * c.min_size}"
@@ -218,7 +222,92 @@ def validate(c: TrialConfig) -> None:
     _number("eval_draws", c.eval_draws, int, 1, 1000)
     _number("report_every", c.report_every, int, 1, 10_000_000)
     _number("seed", c.seed, int, 0, 2**63 - 1)
-    if not isinstance(c.device, str) or not (
-        c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:")
-    ):
+    if not isinstance(c.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
         raise ValueError(f"unknown device {c.device!r}; allowed: auto, cpu, cuda, cuda:N")
+
+
+METRICS: dict[str, str] = {  # study objective -> Tune mode
+    "psnr_ema": "max", "psnr": "max", "ssim_ema": "max", "ssim": "max",
+    "psnr_best": "max", "loss": "min",
+}
+SCHEDULERS: tuple[str, ...] = ("asha", "median", "fifo")
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str                          # the study's name: its folder under root, its MLflow experiment
+    root: str                          # absolute folder holding every study (MLflow store, Ray results)
+    trial: TrialConfig = field(default_factory=TrialConfig)  # base config; the space overrides it
+    num_samples: int = 8               # trials in the study
+    metric: str = "psnr_ema"           # objective, at each trial's last report
+    scheduler: str = "asha"            # early stopping: asha, median (stopping rule) or fifo (none)
+    grace_period: int = 0              # iterations before a trial may be stopped (0: iterations // 4)
+    reduction_factor: int = 3          # ASHA: keep 1 / reduction_factor of trials at each rung
+    max_concurrent: int = 0            # trials at once (0: as many as the resources fit)
+    cpus_per_trial: float = 1.0        # CPUs reserved per trial (also torch's thread count)
+    gpus_per_trial: float = -1.0       # GPUs per trial, fractions allowed (-1: 1 if the cluster has GPUs, else 0)
+    address: str = ""                  # Ray cluster address ("" starts a local Ray; "auto" joins the running one)
+    tracking_uri: str = ""             # MLflow tracking URI ("" : sqlite store under root)
+    storage: str = ""                  # Ray storage for results/checkpoints ("" : under root; s3://... on a cloud)
+    space_file: str = ""               # YAML/JSON search space ("" : the default space)
+    seed: int = 0                      # seeds the Optuna sampler
+    image_every: int = 100             # iterations between output images logged to MLflow
+
+    def __post_init__(self) -> None:
+        if isinstance(self.trial, dict):
+            object.__setattr__(self, "trial", TrialConfig.from_dict(self.trial))
+        validate_study(self)
+
+    @property
+    def mode(self) -> str:
+        return METRICS[self.metric]
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.root) / self.name
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{Path(self.root) / 'mlflow.db'}"
+
+    @property
+    def resolved_storage(self) -> str:
+        return self.storage or str(self.study_dir / "ray")
+
+    @property
+    def resolved_grace_period(self) -> int:
+        return self.grace_period or max(self.trial.report_every, self.trial.iterations // 4)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["trial"] = self.trial.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StudyConfig":
+        return cls(**d)
+
+
+def validate_study(s: StudyConfig) -> None:
+    if not isinstance(s.name, str) or not s.name or len(s.name) > 64 or set(s.name) - NAME_CHARS:
+        raise ValueError(
+            f"study name {s.name!r} is not allowed; allowed: 1-64 letters, digits, '-', '_' or '.'"
+        )
+    if s.name.startswith("."):
+        raise ValueError(f"study name {s.name!r} must not start with '.'")
+    if not isinstance(s.root, str) or not os.path.isabs(s.root):
+        raise ValueError(f"root {s.root!r} must be an absolute path")
+    _number("num_samples", s.num_samples, int, 1, 1_000_000)
+    _choice("metric", s.metric, tuple(METRICS))
+    _choice("scheduler", s.scheduler, SCHEDULERS)
+    _number("grace_period", s.grace_period, int, 0, 10_000_000)
+    _number("reduction_factor", s.reduction_factor, int, 2, 100)
+    _number("max_concurrent", s.max_concurrent, int, 0, 100_000)
+    _number("cpus_per_trial", s.cpus_per_trial, float, 0, 1024, lo_open=True)
+    if s.gpus_per_trial != -1:
+        _number("gpus_per_trial", s.gpus_per_trial, float, 0, 64)
+    _number("seed", s.seed, int, 0, 2**32 - 1)
+    _number("image_every", s.image_every, int, 1, 10_000_000)
+    if s.storage and "://" not in s.storage and not os.path.isabs(s.storage):
+        raise ValueError(f"storage {s.storage!r} must be an absolute path or a URI such as s3://bucket/path")

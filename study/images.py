@@ -41,6 +41,10 @@ def _read(spec: str) -> np.ndarray:
         return np.asarray(getattr(skimage.data, spec)())
     try:
         with Image.open(spec) as im:
+            if im.mode.startswith("I"):
+                # 16-bit grayscale PNG ("I;16" or "I"): convert("RGB") would clip every
+                # value above 255 to white, so scale the 16 bits to [0, 1] here.
+                return np.asarray(im).astype(np.float32) / 65535.0
             if im.mode not in ("L", "RGB", "RGBA"):
                 im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
             return np.asarray(im)
@@ -66,7 +70,7 @@ def _to_unit(a: np.ndarray) -> torch.Tensor:
 
 def _convert(x: torch.Tensor, color: str) -> torch.Tensor:
     if color == "gray" and x.shape[1] == 3:
-        # ITU-R BT.601 luma, as skimage.color.rgb2gray and PIL's "L".
+        # ITU-R BT.601 luma, as PIL's "L" (skimage.color.rgb2gray uses BT.709 weights).
         w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
         return (x * w).sum(1, keepdim=True)
     if color == "rgb" and x.shape[1] == 1:

@@ -8,6 +8,7 @@ several images (later: several trials) step together on one device.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -24,6 +25,11 @@ from study.metrics import psnr, ssim
 
 Report = Callable[[dict[str, float], "Trial"], None]
 SEED_STRIDE = 7919  # seeds of image j: seed + j * SEED_STRIDE + {0, 1, 2}
+# Fault injection for the study tests: a sane config does not diverge on demand, so
+# DIP_FAULT_NAN_AT="N[:LR]" makes the loss NaN at iteration N (for trials with lr >= LR)
+# to exercise the real failure path.
+_FAULT = (os.environ.get("DIP_FAULT_NAN_AT", "") + ":0").split(":")[:2]
+_FAULT_NAN_AT, _FAULT_MIN_LR = int(_FAULT[0] or 0), float(_FAULT[1])
 
 
 class TrialDiverged(RuntimeError):
@@ -82,6 +88,18 @@ def build_run(cfg: TrialConfig, spec: str, index: int, device: torch.device) -> 
                     _generator(device, seed + 2))
 
 
+def _unique_labels(runs: list[ImageRun]) -> None:
+    """Two files with one stem (a/x.png, b/x.png), or one image listed twice, would share
+    a label and so overwrite each other's metrics and files: later ones get `_<index>`."""
+    seen: set[str] = set()
+    for j, run in enumerate(runs):
+        label, k = run.label, j
+        while label in seen:
+            label, k = f"{run.label}_{k}", k + 1
+        run.label = label
+        seen.add(label)
+
+
 class Trial:
     """All images of one configuration, stepped together."""
 
@@ -90,6 +108,7 @@ class Trial:
         self.device = resolve_device(cfg.device)
         specs = specs if specs is not None else img.expand_images(cfg.images)
         self.runs = [build_run(cfg, s, j, self.device) for j, s in enumerate(specs)]
+        _unique_labels(self.runs)
         self.iteration = 0
         self.seconds = 0.0  # training time so far (excluding evaluation)
 
@@ -106,6 +125,8 @@ class Trial:
         loss.backward()
         run.optimizer.step()
         run.loss = float(loss.detach())
+        if self.iteration + 1 == _FAULT_NAN_AT and self.cfg.lr >= _FAULT_MIN_LR:
+            run.loss = math.nan
         if not math.isfinite(run.loss):
             raise TrialDiverged(
                 f"loss became {run.loss} at iteration {self.iteration + 1} on image "

@@ -1,0 +1,52 @@
+"""The best configuration out of a study: chosen from MLflow's record of the trials (so the
+parent run, `export` and a study on a remote tracking server all agree), written as JSON
+that `run_study.py train --config` replays."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from study.config import StudyConfig
+
+
+def pick_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """Among trials that ran all their iterations, the best final `metric`; if none did
+    (every one stopped early or failed), the best of those that reported it. Trials an
+    early-stopping scheduler cut short are only a fallback: their value is from an earlier
+    iteration and is not comparable."""
+    def value(t: dict[str, Any]) -> float | None:
+        v = t["metrics"].get(metric)
+        return v if v is not None and math.isfinite(v) else None
+
+    for pool in ([t for t in trials if t["completed"]], [t for t in trials if t["status"] != "FAILED"]):
+        scored = [t for t in pool if value(t) is not None]
+        if scored:
+            key = (lambda t: value(t)) if mode == "max" else (lambda t: -value(t))
+            # Ties broken by trial id, so the choice does not depend on listing order.
+            return max(sorted(scored, key=lambda t: t["trial_id"] or ""), key=key)
+    return None
+
+
+def best_trial(tracker: Any, s: StudyConfig) -> dict[str, Any] | None:
+    best = pick_best(tracker.trial_summaries(), s.metric, s.mode)
+    if best is None:
+        return None
+    return {
+        "study": s.name, "metric": s.metric, "mode": s.mode,
+        "value": best["metrics"][s.metric], "trial_id": best["trial_id"],
+        "mlflow_run_id": best["mlflow_run_id"], "completed": best["completed"],
+        "tracking_uri": s.resolved_tracking_uri,
+        "metrics": best["metrics"],
+        "config": tracker.load_dict(best["mlflow_run_id"], "config.json"),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def write(best: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(best, indent=2) + "\n")
+    tmp.replace(path)
