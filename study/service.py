@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,14 @@ def check_root(root: Path) -> None:
     probe = root
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"root {str(root)!r} cannot be written: {str(probe)!r} is not a writable folder")
+    try:  # a real write: access() says yes to root even on read-only or virtual filesystems
+        if not probe.is_dir():
+            raise OSError(f"{str(probe)!r} is not a folder")
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".dip-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ValueError(f"root {str(root)!r} cannot be written: {e.strerror or e}") from None
 
 
 def read_study(root: str, name: str) -> dict[str, Any]:

@@ -148,8 +148,12 @@ class TrialLogger:
         self.client = MlflowClient(tracking_uri=uri)
         runs = self.client.search_runs([experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}'")
         self.resumed = bool(runs)
+        # Steps already logged: a restored trial repeats the reports between its last
+        # checkpoint and the interruption, with the same values; they are not logged twice.
+        self.logged_until = 0
         if runs:  # a restored trial continues its own run
             self.run_id = runs[0].info.run_id
+            self.logged_until = int(runs[0].data.metrics.get("iteration", 0))
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             run = self.client.create_run(experiment_id, run_name=trial_name, tags={
@@ -159,11 +163,13 @@ class TrialLogger:
             self.client.log_batch(self.run_id, params=_flat_params(config))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.client.log_batch(self.run_id, metrics=_metrics(metrics, step))
+        if step > self.logged_until or step == 0:
+            self.client.log_batch(self.run_id, metrics=_metrics(metrics, step))
 
     def log_image(self, key: str, hwc: Any, step: int) -> None:
         """An image with a step, so the MLflow UI's slider shows it over training."""
-        self.client.log_image(self.run_id, hwc, key=key, step=step)
+        if step > self.logged_until or step == 0:
+            self.client.log_image(self.run_id, hwc, key=key, step=step)
 
     def log_dict(self, d: dict[str, Any], name: str) -> None:
         self.client.log_dict(self.run_id, d, name)

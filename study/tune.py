@@ -25,7 +25,7 @@ from study.trial import Trial, run_trial
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CKPT_FILE = "trial.pt"
 # Shipped to every worker as the job's working_dir (so a real cluster runs this code).
-RUNTIME_EXCLUDES = [".git", ".venv", "studies", "runs", "bench/results", "**/__pycache__",
+RUNTIME_EXCLUDES = ["studies", "runs", "bench/results", "**/__pycache__",
                     ".pytest_cache", ".whl", "*.db"]
 
 
@@ -114,7 +114,8 @@ def dip_trainable(config: dict[str, Any], ctx: StudyContext) -> None:
     def report(m: dict[str, float], t: Trial) -> None:
         log.log_metrics(m, t.iteration)
         last = t.iteration == cfg.iterations
-        if t.iteration % ctx.image_every < cfg.report_every or last:
+        first = t.iteration <= cfg.report_every  # so even a trial stopped at once shows one
+        if first or last or t.iteration % ctx.image_every < cfg.report_every:
             _log_images(log, t, t.iteration, final=last)
         if last:  # before tune.report: a scheduler may stop the trial at max_t right after it
             log.log_dict({**m, **t.observation_metrics(), "config": cfg.to_dict()}, "result.json")

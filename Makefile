@@ -1,0 +1,31 @@
+# Two commands from a fresh machine (Python 3.11 with venv):
+#   make run    install, then run a small study with the embedded defaults
+#   make test   install, then run every test (unit and end-to-end)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-fast bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt -c constraints.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) run_study.py
+
+test: $(STAMP)
+	$(PY) -m pytest -ra
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -ra -m "not slow"
+
+bench: $(STAMP)
+	$(PY) bench/dip_reference.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

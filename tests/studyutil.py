@@ -1,0 +1,85 @@
+"""Helpers for the end-to-end study tests: run the real CLI, read MLflow with its own client."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# Tiny trials: 32 px, 2 scales, 8 channels; a trial costs a second or two on a CPU.
+TINY = ["--size", "32", "--scales", "2", "--channels", "8", "--iterations", "40",
+        "--report-every", "10", "--image-every", "20"]
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    e.update(extra)
+    return e
+
+
+def cli(*args: str, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "run_study.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env(**extra))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def study_runs(uri: str, name: str) -> tuple[Any, list[Any]]:
+    """(parent, children) of study `name`, as MLflow itself reports them."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    assert exp is not None, f"no experiment {name!r}"
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("dip.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("dip.role") == "trial"]
+    assert len(parents) == 1, f"expected one parent run, got {len(parents)}"
+    return parents[0], children
+
+
+def check_study(uri: str, name: str, n: int, iterations: int = 40, report_every: int = 10) -> tuple[Any, list[Any]]:
+    """What every finished study must show in MLflow."""
+    parent, children = study_runs(uri, name)
+    c = client(uri)
+    assert parent.info.status == "FINISHED"
+    assert len(children) == n, f"{len(children)} child runs for {n} trials"
+    trial_ids = [r.data.tags["dip.trial_id"] for r in children]
+    assert len(set(trial_ids)) == n, "a trial has two runs"
+    for r in children:
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.info.status in ("FINISHED", "FAILED"), (r.info.run_name, r.info.status)
+        assert r.data.params["noise_mode"] and r.data.params["lr"]  # the full config as params
+        if r.info.status == "FAILED":
+            assert r.data.tags.get("dip.end_reason"), "a failed run must say why"
+            continue
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "psnr")]
+        assert steps and steps == sorted(set(steps)) and steps[0] == report_every
+        if r.data.tags.get("dip.completed") == "true":
+            assert steps[-1] == iterations
+        arts = [a.path for a in c.list_artifacts(r.info.run_id, "images")]
+        for key in ("observation", "input", "output"):
+            assert any(Path(a).name.startswith(f"{key}+step+") for a in arts), (key, arts)
+    return parent, children
+
+
+def best_child(children: list[Any], metric: str = "psnr_ema") -> Any:
+    done = [r for r in children if r.data.tags.get("dip.completed") == "true"]
+    return max(done, key=lambda r: (r.data.metrics[metric], ))
+
+
+def read_json(p: Path) -> dict[str, Any]:
+    return json.loads(Path(p).read_text())

@@ -1,0 +1,101 @@
+"""Bad study arguments: one clear sentence, exit 2, and nothing written."""
+from __future__ import annotations
+
+import pytest
+
+import run_study
+from studyutil import TINY, cli
+
+BASE = ["--num-samples", "2", *TINY]
+
+
+def _run(capsys, root, *args):
+    code = run_study.main(["run", "--name", "s", "--root", str(root), *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "no_such_image"], "unknown image 'no_such_image'"),
+    (["--num-samples", "-1"], "num_samples = -1 is out of range"),
+    (["--num-samples", "0"], "num_samples = 0 is out of range"),
+    (["--metric", "accuracy"], "unknown metric 'accuracy'; allowed: psnr_ema"),
+    (["--scheduler", "hyperband"], "unknown scheduler 'hyperband'; allowed: asha, median, fifo"),
+    (["--max-concurrent", "-2"], "max_concurrent = -2 is out of range"),
+    (["--cpus-per-trial", "0"], "cpus_per_trial = 0.0 is out of range"),
+    (["--gpus-per-trial", "-0.5"], "gpus_per_trial = -0.5 is out of range"),
+    (["--image-every", "0"], "image_every = 0 is out of range"),
+    (["--timestep", "1000"], "timestep = 1000 is out of range; allowed: [0, 999]"),
+    (["--lr", "0"], "lr = 0.0 is out of range"),
+    (["--noise-mode", "perlin"], "unknown noise_mode 'perlin'; allowed: uniform"),
+    (["--task", "deblur"], "unknown task 'deblur'"),
+    (["--size", "30"], "size = 30 is not divisible by 2**scales = 4"),
+    (["--tracking-uri", "ftp://x"], "unsupported tracking URI 'ftp://x'"),
+    (["--storage", "relative/dir"], "storage 'relative/dir' must be an absolute path"),
+    (["--config", "/no/such.json"], "cannot read config file '/no/such.json'"),
+    (["--space", "/no/such.yaml"], "cannot read space file '/no/such.yaml'"),
+])
+def test_bad_argument(capsys, tmp_path, args, message):
+    code, err = _run(capsys, tmp_path / "root", *BASE, *args)
+    assert code == 2
+    assert message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "root").exists(), "a refused study must write nothing"
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../up", ".hidden", "x" * 65, "sp ace"])
+def test_bad_name(capsys, tmp_path, name):
+    code = run_study.main(["run", "--name", name, "--root", str(tmp_path / "r"), *BASE])
+    assert code == 2 and "study name" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_relative_root_is_refused(capsys):
+    code = run_study.main(["run", "--name", "s", "--root", "rel/studies", *BASE])
+    err = capsys.readouterr().err
+    assert code == 2 and "--root 'rel/studies' must be an absolute path" in err
+
+
+@pytest.mark.parametrize("root", ["/proc/dip-study", "/etc/hostname/studies"])
+def test_unwritable_root_is_refused(capsys, root):
+    code, err = _run(capsys, root, *BASE)
+    assert code == 2 and f"root '{root}' cannot be written" in err, err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("noise_mode: [uniform, perlin]\n", "noise_mode = 'perlin' is not allowed"),
+    ("timestep: {low: 0, high: 5000}\n", "timestep = 5000 is not allowed"),
+    ("lr: {low: 0.1, high: 0.01}\n", "low = 0.1 is above high = 0.01"),
+    ("lr: {low: 0, high: 0.1, log: true}\n", "a log range needs low > 0"),
+    ("learning_rate: [0.1]\n", "unknown search-space parameter 'learning_rate'"),
+    ("seed: [1, 2]\n", "unknown search-space parameter 'seed'"),
+    ("noise_mode: []\n", "empty list of choices"),
+    ("lr: [0.1\n", "is not valid YAML"),
+    ("- just a list\n", "must be a non-empty mapping"),
+    ("size: [32, 30]\n", "size = 30 is not allowed"),
+])
+def test_bad_space_file(capsys, tmp_path, text, message):
+    space = tmp_path / "space.yaml"
+    space.write_text(text)
+    code, err = _run(capsys, tmp_path / "root", *BASE, "--space", str(space))
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "root").exists()
+
+
+def test_existing_study_name_is_refused(capsys, tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "study.json").write_text("{}")
+    code, err = _run(capsys, tmp_path, *BASE)
+    assert code == 2 and "study 's' already exists" in err
+
+
+def test_gpus_on_a_cpu_cluster_are_refused(tmp_path):
+    """Needs Ray's view of the cluster: a real local Ray, no GPU here."""
+    r = cli("run", "--name", "g", "--root", str(tmp_path / "r"), "--gpus-per-trial", "1", *BASE)
+    assert r.returncode == 2
+    assert "gpus_per_trial = 1.0 but the Ray cluster has no GPU" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "r").exists()
+
+
+def test_export_unknown_study(capsys, tmp_path):
+    code = run_study.main(["export", "nope", "--root", str(tmp_path), "--out", str(tmp_path / "b.json")])
+    assert code == 2 and "no study 'nope'" in capsys.readouterr().err

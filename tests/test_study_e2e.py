@@ -1,0 +1,124 @@
+"""A real study on a local Ray, recorded in a local MLflow store, exported and replayed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from studyutil import ROOT, TINY, best_child, check_study, cli, client, env, free_port, read_json
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("studies")
+    space = root.parent / "space.yaml"
+    space.write_text("noise_mode: [uniform, ddpm, ddpm_resample]\n"
+                     "timestep: {low: 10, high: 200}\n"
+                     "lr: {low: 0.001, high: 0.05, log: true}\n")
+    # Trials with lr >= 0.02 diverge (NaN loss) at iteration 5: they must end FAILED
+    # with the reason, and the study must go on.
+    p = cli("run", "--name", "e2e", "--root", str(root), "--num-samples", "6", "--space",
+            str(space), "--max-concurrent", "2", "--seed", "3", *TINY,
+            DIP_FAULT_NAN_AT="5:0.02")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return root, p
+
+
+def test_study_records_parent_children_metrics_images(study):
+    root, _ = study
+    parent, children = check_study(f"sqlite:///{root}/mlflow.db", "e2e", n=6)
+    failed = [r for r in children if r.info.status == "FAILED"]
+    assert failed, "the lr >= 0.02 trials should have failed"
+    assert all(float(r.data.params["lr"]) >= 0.02 for r in failed)
+    assert all("nan" in r.data.tags["dip.end_reason"].lower() for r in failed)
+    assert any(r.data.tags.get("dip.completed") == "true" for r in children)
+    assert json.loads(parent.data.params["trial.images"]) == ["camera"]
+
+
+def test_export_equals_best_child_and_parent(study, tmp_path):
+    root, p = study
+    uri = f"sqlite:///{root}/mlflow.db"
+    parent, children = check_study(uri, "e2e", n=6)
+    out = tmp_path / "best.json"
+    e = cli("export", "e2e", "--root", str(root), "--out", str(out))
+    assert e.returncode == 0, e.stderr
+    best = read_json(out)
+    want = best_child(children)
+    assert best["mlflow_run_id"] == want.info.run_id
+    assert best["value"] == pytest.approx(want.data.metrics["psnr_ema"])
+    assert parent.data.tags["dip.best_run_id"] == want.info.run_id
+    assert best["config"]["noise_mode"] == want.data.params["noise_mode"]
+    assert str(root / "e2e" / "best.json") in p.stdout  # the run printed where it exported
+
+
+def test_replay_reproduces_the_best(study, tmp_path):
+    root, _ = study
+    best = root / "e2e" / "best.json"
+    r = cli("train", "--config", str(best), "--out", str(tmp_path / "replay"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    got, want = read_json(tmp_path / "replay" / "result.json"), read_json(best)
+    assert got["config"] == want["config"]
+    # Same seed and config on the same CPU: the same numbers, up to thread-count rounding.
+    assert got["psnr_ema"] == pytest.approx(want["metrics"]["psnr_ema"], abs=0.05)
+    r2 = cli("train", "--config", str(best), "--image", "moon", "--out", str(tmp_path / "moon"), "--quiet")
+    assert r2.returncode == 0, r2.stderr
+    assert read_json(tmp_path / "moon" / "result.json")["config"]["images"] == ["moon"]
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    path = shutil.which("chromium")
+    if path is None and os.environ.get("CI"):
+        pytest.fail("chromium is missing: .ci/run installs it (apt-get install chromium)")
+    return path
+
+
+def test_ui_shows_the_study_in_a_browser(study, tmp_path):
+    """`run_study.py ui` serves the study's store; headless Chromium renders its runs."""
+    root, _ = study
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (CI installs it)")
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "run_study.py", "ui", "--root", str(root), "--port", str(port)],
+                          cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", ui)
+        exp_id = client(f"sqlite:///{root}/mlflow.db").get_experiment_by_name("e2e").experiment_id
+        url = f"http://127.0.0.1:{port}/#/experiments/{exp_id}"
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000",
+                 "--window-size=1400,900"]
+        dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True,
+                             timeout=180).stdout
+        subprocess.run([browser, *flags, f"--screenshot={tmp_path / 'ui.png'}", url],
+                       capture_output=True, timeout=180)
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+    assert "e2e" in dom, dom[-2000:]
+    assert "dip_trainable_" in dom, "the trial runs are not listed"
+    assert (tmp_path / "ui.png").stat().st_size > 10_000
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-2000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer in time")
