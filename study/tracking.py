@@ -75,7 +75,10 @@ class StudyTracker:
         self.uri = uri
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
+            # The kind tells MLflow 3's UI to open on the runs table, not the GenAI overview.
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_root,
+                tags={"mlflow.experimentKind": "custom_model_development"})
         else:
             self.experiment_id = exp.experiment_id
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,21 +95,32 @@ def test_ui_shows_the_study_in_a_browser(study, tmp_path):
                           text=True, start_new_session=True)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", ui)
-        exp_id = client(f"sqlite:///{root}/mlflow.db").get_experiment_by_name("e2e").experiment_id
-        url = f"http://127.0.0.1:{port}/#/experiments/{exp_id}"
+        c = client(f"sqlite:///{root}/mlflow.db")
+        exp_id = c.get_experiment_by_name("e2e").experiment_id
+        child = next(r for r in c.search_runs([exp_id]) if r.data.tags.get("dip.role") == "trial"
+                     and r.info.status == "FINISHED")
+        base = f"http://127.0.0.1:{port}/#/experiments/{exp_id}"
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000",
                  "--window-size=1400,900"]
-        dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True,
-                             timeout=180).stdout
-        subprocess.run([browser, *flags, f"--screenshot={tmp_path / 'ui.png'}", url],
+
+        def dom(url: str) -> str:
+            return subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True,
+                                  text=True, timeout=180).stdout
+
+        runs_page = dom(f"{base}/runs")
+        run_page = dom(f"{base}/runs/{child.info.run_id}")
+        subprocess.run([browser, *flags, f"--screenshot={tmp_path / 'ui.png'}", f"{base}/runs"],
                        capture_output=True, timeout=180)
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
-    assert "e2e" in dom, dom[-2000:]
-    assert "dip_trainable_" in dom, "the trial runs are not listed"
+    # The experiment opens on its runs table (not MLflow 3's GenAI overview): the parent
+    # run `study` with its 6 children, 7 runs in all.
+    assert "Training runs" in runs_page and ">study<" in runs_page, runs_page[-2000:]
+    assert re.search(r">7<(?:[^>]*>){0,6}\s*matching runs", runs_page), "the table should count 7 runs"
+    assert child.info.run_name in run_page and "psnr_ema" in run_page
     assert (tmp_path / "ui.png").stat().st_size > 10_000
 
 

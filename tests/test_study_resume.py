@@ -75,3 +75,21 @@ def test_sigint_then_resume(tmp_path):
 def test_resume_unknown_study_is_refused(tmp_path):
     r = cli("resume", "nope", "--root", str(tmp_path))
     assert r.returncode == 2 and "no study 'nope'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_killed_driver_then_resume(tmp_path):
+    """SIGKILL the driver and its local Ray (a crashed session): runs it left RUNNING are
+    continued by `resume`, and every run ends."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.Popen([sys.executable, "run_study.py", "run", "--name", "rk", "--root",
+                             str(tmp_path), *FLAGS], cwd=ROOT, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for_progress(uri, "rk", proc)
+    time.sleep(3)  # let Tune write its experiment state after the latest checkpoint
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    time.sleep(2)
+    r = cli("resume", "rk", "--root", str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    parent, children = check_study(uri, "rk", n=3, iterations=200)
+    assert all(c.data.tags.get("dip.completed") == "true" for c in children)
