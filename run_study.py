@@ -15,6 +15,7 @@ from pathlib import Path
 
 from study.cliargs import add_config_flags, build_config
 from study.config import BUNDLED_IMAGES, METRICS
+from study.paths import check_writable
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,13 +34,14 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from study.local import train  # torch is imported only when a command needs it
 
     from study.images import preflight
-    from study.trial import TrialDiverged
+    from study.trial import TrialDiverged, resolve_device
 
     try:
         cfg = build_config(ns)
+        resolve_device(cfg.device)
         preflight(cfg)
         out = Path(ns.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}").absolute()
-        check_writable(out)
+        check_writable(out, "--out")
     except ValueError as e:  # user errors: one sentence, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -49,15 +51,6 @@ def cmd_train(ns: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-def check_writable(path: Path) -> None:
-    """Refuse a folder that cannot be created or written, before any work starts."""
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise ValueError(f"cannot write to {str(path)!r}: {str(probe)!r} is not a writable folder")
 
 
 def _study_flags(p: argparse.ArgumentParser) -> None:
@@ -139,7 +132,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
     try:
         out = Path(ns.out).absolute()
-        check_writable(out.parent)
+        check_writable(out.parent, "--out folder")
         best = service.export_study(_root(ns), ns.study, out)
     except ValueError as e:
         return _user_error(e)

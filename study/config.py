@@ -286,6 +286,10 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StudyConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown study setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
         return cls(**d)
 
 

@@ -14,7 +14,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,22 +21,13 @@ from typing import Any
 from study import export
 from study.config import StudyConfig
 from study.images import preflight
+from study.paths import check_writable
 
 STUDY_FILE = "study.json"
 
 
 def check_root(root: Path) -> None:
-    probe = root
-    while not probe.exists():
-        probe = probe.parent
-    try:  # a real write: access() says yes to root even on read-only or virtual filesystems
-        if not probe.is_dir():
-            raise OSError(f"{str(probe)!r} is not a folder")
-        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".dip-write-test-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise ValueError(f"root {str(root)!r} cannot be written: {e.strerror or e}") from None
+    check_writable(root, "root")
 
 
 def read_study(root: str, name: str) -> dict[str, Any]:

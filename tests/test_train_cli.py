@@ -135,9 +135,6 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason=(
-    "run_study.check_writable trusts os.access, which is always true for root: "
-    "mkdir /proc/x then fails in train() outside the ValueError handler"))
 def test_unwritable_out_exits_2(capsys):
     rc = run_study.main(["train", *TINY, "--out", "/proc/x/run"])
     err = capsys.readouterr().err
@@ -145,8 +142,6 @@ def test_unwritable_out_exits_2(capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "run_study.cmd_train resolves the device inside train(), outside the ValueError handler"))
 def test_cuda_without_cuda_exits_2(tmp_path, capsys):
     rc = run_study.main(["train", *TINY, "--device", "cuda", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
