@@ -2,6 +2,7 @@
 early-stopping scheduler, and the callback that ends each trial's MLflow run."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -100,6 +101,8 @@ def _log_images(log: TrialLogger, trial: Trial, step: int, final: bool) -> None:
 def dip_trainable(config: dict[str, Any], ctx: StudyContext) -> None:
     cfg = TrialConfig.from_dict({**ctx.base, **config})
     torch.set_num_threads(ctx.threads)
+    # One "Checkpoint successfully created" line per report drowns the progress table.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     tctx = tune.get_context()
     log = TrialLogger(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.study,
                       tctx.get_trial_id(), tctx.get_trial_name(), cfg.to_dict())
