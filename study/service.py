@@ -45,7 +45,7 @@ def _write_study(s: StudyConfig, meta: dict[str, Any]) -> None:
     tmp.replace(s.study_dir / STUDY_FILE)
 
 
-def _tracking(s: StudyConfig):  # noqa: ANN202 - study.tracking is imported lazily (mlflow is slow)
+def _tracking():  # noqa: ANN202 - imported lazily: mlflow is slow to import
     from study import tracking
 
     return tracking
@@ -62,7 +62,7 @@ def preflight_study(s: StudyConfig) -> Any:
     space = load_space(s.space_file or None, s.trial)
     preflight(s.trial)
     if s.tracking_uri:  # the default store lives under the root checked above
-        _tracking(s).check_tracking_uri(s.tracking_uri)
+        _tracking().check_tracking_uri(s.tracking_uri)
     return space
 
 
@@ -78,7 +78,7 @@ def _tracker(s: StudyConfig) -> Any:
     artifacts = None
     if s.resolved_tracking_uri.startswith("sqlite:"):
         artifacts = (Path(s.root) / "artifacts" / s.name).as_uri()
-    return _tracking(s).StudyTracker(s.resolved_tracking_uri, s.name, artifacts)
+    return _tracking().StudyTracker(s.resolved_tracking_uri, s.name, artifacts)
 
 
 def run(s: StudyConfig) -> int:
@@ -107,7 +107,7 @@ def resume(root: str, name: str, address: str = "") -> int:
     s = StudyConfig.from_dict(meta["study"])
     if address:
         s = StudyConfig.from_dict({**s.to_dict(), "address": address})
-    _tracking(s).check_tracking_uri(s.resolved_tracking_uri)
+    _tracking().check_tracking_uri(s.resolved_tracking_uri)
     st.connect(s.address)
     try:
         if not st.can_restore(s):
@@ -162,8 +162,7 @@ def _print_done(s: StudyConfig, best: dict[str, Any] | None, summary: dict[str, 
 def export_study(root: str, name: str, out: Path) -> dict[str, Any]:
     meta = read_study(root, name)
     s = StudyConfig.from_dict(meta["study"])
-    tracking = _tracking(s)
-    tracking.check_tracking_uri(s.resolved_tracking_uri)
+    _tracking().check_tracking_uri(s.resolved_tracking_uri)
     best = export.best_trial(_tracker(s), s)
     if best is None:
         raise ValueError(f"study {name!r} has no trial that reported {s.metric} yet; nothing to export")

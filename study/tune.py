@@ -48,8 +48,11 @@ def connect(address: str) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network from here
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": RUNTIME_EXCLUDES}
-    ray.init(address=address or None, runtime_env=runtime_env, include_dashboard=False,
-             logging_level="WARNING", ignore_reinit_error=True)
+    try:
+        ray.init(address=address or None, runtime_env=runtime_env, include_dashboard=False,
+                 logging_level="WARNING", ignore_reinit_error=True)
+    except ConnectionError as e:
+        raise ValueError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
 
 
 def gpus_per_trial(s: StudyConfig) -> float:

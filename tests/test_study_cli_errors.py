@@ -99,3 +99,9 @@ def test_gpus_on_a_cpu_cluster_are_refused(tmp_path):
 def test_export_unknown_study(capsys, tmp_path):
     code = run_study.main(["export", "nope", "--root", str(tmp_path), "--out", str(tmp_path / "b.json")])
     assert code == 2 and "no study 'nope'" in capsys.readouterr().err
+
+
+def test_address_auto_without_a_cluster_is_refused(capsys, tmp_path):
+    code, err = _run(capsys, tmp_path / "root", *BASE, "--address", "auto")
+    assert code == 2 and "cannot connect to the Ray cluster at 'auto'" in err, err
+    assert not (tmp_path / "root").exists()
