@@ -103,12 +103,7 @@ class TrialConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrialConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown config key(s) {', '.join(unknown)}; allowed keys: {', '.join(sorted(names))}"
-            )
+        _check_keys(cls, d, "config key")
         return cls(**d)
 
     def replace(self, **changes: Any) -> "TrialConfig":
@@ -116,6 +111,13 @@ class TrialConfig:
 
     def to_json(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _check_keys(cls: type, d: dict[str, Any], what: str) -> None:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -286,10 +288,7 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StudyConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown study setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+        _check_keys(cls, d, "study setting")
         return cls(**d)
 
 

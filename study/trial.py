@@ -179,9 +179,12 @@ class Trial:
 
     def observation_metrics(self) -> dict[str, float]:
         """How good the observation itself is (at output resolution): the bar to beat."""
-        ps = [psnr(r.data.input_image, r.data.clean) for r in self.runs]
-        ss = [ssim(r.data.input_image, r.data.clean) for r in self.runs]
-        return {"psnr_observation": sum(ps) / len(ps), "ssim_observation": sum(ss) / len(ss)}
+        per = {r.label: {"psnr_observation": psnr(r.data.input_image, r.data.clean),
+                         "ssim_observation": ssim(r.data.input_image, r.data.clean)} for r in self.runs}
+        m = {k: sum(p[k] for p in per.values()) / len(per) for k in ("psnr_observation", "ssim_observation")}
+        if len(per) > 1:
+            m.update({f"{k}/{label}": v for label, p in per.items() for k, v in p.items()})
+        return m
 
     # --- checkpointing ---
     def state_dict(self) -> dict[str, Any]:

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny trials: 32 px, 2 scales, 8 channels; a trial costs a second or two on a CPU.
 TINY = ["--size", "32", "--scales", "2", "--channels", "8", "--iterations", "40",
@@ -51,7 +53,8 @@ def study_runs(uri: str, name: str) -> tuple[Any, list[Any]]:
     return parents[0], children
 
 
-def check_study(uri: str, name: str, n: int, iterations: int = 40, report_every: int = 10) -> tuple[Any, list[Any]]:
+def check_study(uri: str, name: str, n: int, iterations: int = 40, report_every: int = 10,
+                images: tuple[str, ...] = ("camera",)) -> tuple[Any, list[Any]]:
     """What every finished study must show in MLflow."""
     parent, children = study_runs(uri, name)
     c = client(uri)
@@ -72,7 +75,12 @@ def check_study(uri: str, name: str, n: int, iterations: int = 40, report_every:
             assert steps[-1] == iterations
         arts = [a.path for a in c.list_artifacts(r.info.run_id, "images")]
         for key in ("observation", "input", "output"):
-            assert any(Path(a).name.startswith(f"{key}+step+") for a in arts), (key, arts)
+            for image in images:  # MLflow writes an image key "camera/output" as "camera~output"
+                prefix = f"{image}~{key}+step+" if len(images) > 1 else f"{key}+step+"
+                assert any(Path(a).name.startswith(prefix) for a in arts), (prefix, arts)
+        if len(images) > 1:  # per-image values kept beside their mean
+            per = [r.data.metrics[f"psnr_ema/{i}"] for i in images]
+            assert r.data.metrics["psnr_ema"] == pytest.approx(sum(per) / len(per))
     return parent, children
 
 

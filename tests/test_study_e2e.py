@@ -15,6 +15,7 @@ import pytest
 from studyutil import ROOT, TINY, best_child, check_study, cli, client, env, free_port, read_json
 
 pytestmark = pytest.mark.slow
+IMAGES = ("camera", "moon")  # two images per trial: the objective is their mean
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def study(tmp_path_factory):
     # Trials with lr >= 0.02 diverge (NaN loss) at iteration 5: they must end FAILED
     # with the reason, and the study must go on.
     p = cli("run", "--name", "e2e", "--root", str(root), "--num-samples", "6", "--space",
-            str(space), "--max-concurrent", "2", "--seed", "3", *TINY,
+            str(space), "--max-concurrent", "2", "--seed", "3", *TINY, "--image", *IMAGES,
             DIP_FAULT_NAN_AT="5:0.02")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return root, p
@@ -35,19 +36,19 @@ def study(tmp_path_factory):
 
 def test_study_records_parent_children_metrics_images(study):
     root, _ = study
-    parent, children = check_study(f"sqlite:///{root}/mlflow.db", "e2e", n=6)
+    parent, children = check_study(f"sqlite:///{root}/mlflow.db", "e2e", n=6, images=IMAGES)
     failed = [r for r in children if r.info.status == "FAILED"]
     assert failed, "the lr >= 0.02 trials should have failed"
     assert all(float(r.data.params["lr"]) >= 0.02 for r in failed)
     assert all("nan" in r.data.tags["dip.end_reason"].lower() for r in failed)
     assert any(r.data.tags.get("dip.completed") == "true" for r in children)
-    assert json.loads(parent.data.params["trial.images"]) == ["camera"]
+    assert json.loads(parent.data.params["trial.images"]) == list(IMAGES)
 
 
 def test_export_equals_best_child_and_parent(study, tmp_path):
     root, p = study
     uri = f"sqlite:///{root}/mlflow.db"
-    parent, children = check_study(uri, "e2e", n=6)
+    parent, children = check_study(uri, "e2e", n=6, images=IMAGES)
     out = tmp_path / "best.json"
     e = cli("export", "e2e", "--root", str(root), "--out", str(out))
     assert e.returncode == 0, e.stderr

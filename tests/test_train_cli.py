@@ -24,16 +24,6 @@ RESULT_KEYS = {"psnr", "ssim", "psnr_ema", "psnr_best", "best_iteration", "psnr_
                "ssim_observation", "iterations", "seconds", "config"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Nets this small gain nothing from more threads, and on a shared machine several
-    spinning OpenMP threads per process slow a run many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def start(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread
     return subprocess.Popen([sys.executable, "run_study.py", "train", *args], cwd=ROOT, env=env,

@@ -17,16 +17,6 @@ REPORT_KEYS = {"loss", "psnr", "ssim", "psnr_ema", "ssim_ema", "psnr_best", "bes
 TIMING_KEYS = {"seconds", "seconds_per_iteration"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Nets this small gain nothing from more threads, and on a shared machine several
-    spinning OpenMP threads per process slow a run many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**kw):
     """A trial of a few milliseconds per iteration: camera 32 px gray, 2 scales of 8."""
     base = dict(size=32, scales=2, channels=8, input_depth=8, color="gray", iterations=6,
