@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from study.cliargs import add_config_flags, build_config
-from study.config import BUNDLED_IMAGES, METRICS
+from study.config import BUNDLED_IMAGES, METRICS, StudyConfig
 from study.paths import check_writable
 
 
@@ -90,8 +90,7 @@ def _root(ns: argparse.Namespace) -> str:
     return os.path.normpath(ns.root)
 
 
-def build_study(ns: argparse.Namespace) -> "StudyConfig":
-    from study.config import StudyConfig
+def build_study(ns: argparse.Namespace) -> StudyConfig:
 
     base = {"seed": ns.study_seed} if ns.study_seed is not None else {}
     trial = build_config(ns, base)

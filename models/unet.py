@@ -85,6 +85,6 @@ class UNet(nn.Module):
         for down in self.downs:
             skips.append(x)
             x = down(self.pool(x))
-        for up, skip in zip(self.ups, reversed(skips)):
+        for up, skip in zip(self.ups, reversed(skips), strict=True):
             x = up(torch.cat([skip, self.upsample(x)], dim=1))
         return self.out_act(self.head(x))

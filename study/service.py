@@ -11,7 +11,6 @@ On disk, under ROOT (absolute):
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 import time

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -202,7 +202,7 @@ class Trial:
         if state["config"] != self.cfg.to_dict() or len(state["runs"]) != len(self.runs):
             raise ValueError("the checkpoint belongs to another configuration")
         self.iteration, self.seconds = state["iteration"], state["seconds"]
-        for r, s in zip(self.runs, state["runs"]):
+        for r, s in zip(self.runs, state["runs"], strict=True):
             r.net.load_state_dict(s["net"])
             r.optimizer.load_state_dict(s["optimizer"])
             r.dip_input.load_state_dict(s["input"])
