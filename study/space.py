@@ -52,10 +52,15 @@ class Param:
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
 
     def extremes(self) -> list[Any]:
-        """Values that span this parameter, for checking against the base config."""
+        """Values to check against the base config: every choice, every integer of a range
+        that is not huge (a size range holds sizes the network's scales do not divide),
+        else the ends."""
         if self.kind in ("choice", "fixed"):
             return list(self.choices)
-        return [int(self.low), int(self.high)] if self.kind == "int" else [self.low, self.high]
+        if self.kind == "int":
+            lo, hi = int(self.low), int(self.high)
+            return list(range(lo, hi + 1)) if hi - lo <= 5000 else [lo, hi]
+        return [self.low, self.high]
 
     def to_spec(self) -> Any:
         if self.kind == "choice":

@@ -63,7 +63,7 @@ def test_unwritable_root_is_refused(capsys, root):
 
 @pytest.mark.parametrize("text, message", [
     ("noise_mode: [uniform, perlin]\n", "noise_mode = 'perlin' is not allowed"),
-    ("timestep: {low: 0, high: 5000}\n", "timestep = 5000 is not allowed"),
+    ("timestep: {low: 0, high: 5000}\n", "timestep = 1000 is not allowed"),
     ("lr: {low: 0.1, high: 0.01}\n", "low = 0.1 is above high = 0.01"),
     ("lr: {low: 0, high: 0.1, log: true}\n", "a log range needs low > 0"),
     ("learning_rate: [0.1]\n", "unknown search-space parameter 'learning_rate'"),
@@ -72,6 +72,7 @@ def test_unwritable_root_is_refused(capsys, root):
     ("lr: [0.1\n", "is not valid YAML"),
     ("- just a list\n", "must be a non-empty mapping"),
     ("size: [32, 30]\n", "size = 30 is not allowed"),
+    ("size: {low: 32, high: 64}\n", "size = 33 is not allowed"),
 ])
 def test_bad_space_file(capsys, tmp_path, text, message):
     space = tmp_path / "space.yaml"
