@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from study import export
-from study.config import StudyConfig
+from study.config import DDPM_MODES, StudyConfig
 from study.images import preflight
 from study.paths import check_writable
 
@@ -144,14 +144,20 @@ def _cmd(*args: str) -> str:
     return " ".join(shlex.quote(a) for a in [sys.executable, "run_study.py", *args])
 
 
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
 def _print_done(s: StudyConfig, best: dict[str, Any] | None, summary: dict[str, Any]) -> None:
     print(f"\nstudy {s.name!r} finished: {summary['terminated']} trials ended, {summary['errors']} failed")
     if best is None:
         print("no trial reported the metric; nothing to export")
         return
     cfg = best["config"]
-    print(f"best trial {best['trial_id']}: {s.metric} = {best['metrics'].get(s.metric, float('nan')):.4f}  "
-          f"(noise_mode {cfg['noise_mode']}, timestep {cfg['timestep']}, lr {cfg['lr']:.3g})")
+    searched = json.loads((s.study_dir / STUDY_FILE).read_text()).get("space", {})
+    shown = ", ".join(f"{k} {_fmt(cfg[k])}" for k in searched if k in cfg
+                      and not (k == "timestep" and cfg["noise_mode"] not in DDPM_MODES))
+    print(f"best trial {best['trial_id']}: {s.metric} = {best['value']:.4f}  ({shown})")
     print(f"best configuration exported to {s.study_dir / 'best.json'}")
     print(f"replay it:       {_cmd('train', '--config', str(s.study_dir / 'best.json'))}")
     ui = _cmd("ui", "--root", s.root) if not s.tracking_uri else f"open {s.tracking_uri}"
