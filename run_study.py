@@ -31,9 +31,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from study.local import train  # torch is imported only when a command needs it
-
+    # torch is imported only when a command needs it
     from study.images import preflight
+    from study.local import train
     from study.trial import TrialDiverged, resolve_device
 
     try:
@@ -42,14 +42,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
         preflight(cfg)
         out = Path(ns.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}").absolute()
         check_writable(out, "--out")
-    except ValueError as e:  # user errors: one sentence, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        return _user_error(e)
     try:
         train(cfg, out, quiet=ns.quiet)
     except TrialDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _user_error(e, code=1)
     return 0
 
 
@@ -91,7 +89,6 @@ def _root(ns: argparse.Namespace) -> str:
 
 
 def build_study(ns: argparse.Namespace) -> StudyConfig:
-
     base = {"seed": ns.study_seed} if ns.study_seed is not None else {}
     trial = build_config(ns, base)
     # Paths reach Ray workers, whose working folder differs: make them absolute.
@@ -151,9 +148,10 @@ def cmd_ui(ns: argparse.Namespace) -> int:
     os.execv(cmd[0], cmd)
 
 
-def _user_error(e: Exception) -> int:
+def _user_error(e: Exception, code: int = 2) -> int:
+    """User errors: one sentence on stderr, no traceback."""
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return code
 
 
 def _service_parsers(sub: argparse._SubParsersAction) -> None:

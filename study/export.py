@@ -3,13 +3,13 @@ parent run, `export` and a study on a remote tracking server all agree), written
 that `run_study.py train --config` replays."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 from study.config import StudyConfig
+from study.paths import write_json
 
 
 def pick_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
@@ -24,9 +24,9 @@ def pick_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str,
     for pool in ([t for t in trials if t["completed"]], [t for t in trials if t["status"] != "FAILED"]):
         scored = [t for t in pool if value(t) is not None]
         if scored:
-            key = (lambda t: value(t)) if mode == "max" else (lambda t: -value(t))
+            sign = 1 if mode == "max" else -1
             # Ties broken by trial id, so the choice does not depend on listing order.
-            return max(sorted(scored, key=lambda t: t["trial_id"] or ""), key=key)
+            return max(sorted(scored, key=lambda t: t["trial_id"] or ""), key=lambda t: sign * value(t))
     return None
 
 
@@ -46,7 +46,4 @@ def best_trial(tracker: Any, s: StudyConfig) -> dict[str, Any] | None:
 
 
 def write(best: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(best, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(path, best)

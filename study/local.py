@@ -28,7 +28,7 @@ def save_images(trial: Trial, out: Path) -> None:
         pre = f"{run.label}_" if len(trial.runs) > 1 else ""
         img.save_png(run.data.observation, out / f"{pre}observation.png")
         img.save_png(run.dip_input.view(), out / f"{pre}input.png")
-        img.save_png(trial.output(run), out / f"{pre}output.png")
+        img.save_png(run.output, out / f"{pre}output.png")  # evaluated at the last report
         if run.ema is not None:
             img.save_png(run.ema, out / f"{pre}output_ema.png")
 

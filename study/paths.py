@@ -1,9 +1,12 @@
-"""Checks on folders a command will write, made before any work starts."""
+"""Checks on folders a command will write, made before any work starts, and the one way
+the service writes its JSON files."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def check_writable(path: Path, what: str = "folder") -> None:
@@ -21,3 +24,11 @@ def check_writable(path: Path, what: str = "folder") -> None:
         os.unlink(tmp)
     except OSError as e:
         raise ValueError(f"{what} {str(path)!r} cannot be written: {e.strerror or e}") from None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write through a temporary file and a rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)

@@ -10,6 +10,7 @@ On disk, under ROOT (absolute):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -20,13 +21,9 @@ from typing import Any
 from study import export
 from study.config import DDPM_MODES, StudyConfig
 from study.images import preflight
-from study.paths import check_writable
+from study.paths import check_writable, write_json
 
 STUDY_FILE = "study.json"
-
-
-def check_root(root: Path) -> None:
-    check_writable(root, "root")
 
 
 def read_study(root: str, name: str) -> dict[str, Any]:
@@ -35,13 +32,6 @@ def read_study(root: str, name: str) -> dict[str, Any]:
         known = sorted(p.parent.name for p in Path(root).glob(f"*/{STUDY_FILE}")) if Path(root).is_dir() else []
         raise ValueError(f"no study {name!r} under {root!r}; studies there: {', '.join(known) or 'none'}")
     return json.loads(path.read_text())
-
-
-def _write_study(s: StudyConfig, meta: dict[str, Any]) -> None:
-    s.study_dir.mkdir(parents=True, exist_ok=True)
-    tmp = s.study_dir / (STUDY_FILE + ".tmp")
-    tmp.write_text(json.dumps({"study": s.to_dict(), **meta}, indent=2) + "\n")
-    tmp.replace(s.study_dir / STUDY_FILE)
 
 
 def _tracking():  # noqa: ANN202 - imported lazily: mlflow is slow to import
@@ -54,7 +44,7 @@ def preflight_study(s: StudyConfig) -> Any:
     """Everything that can be refused is refused here, before anything is written."""
     from study.space import load_space
 
-    check_root(Path(s.root))
+    check_writable(Path(s.root), "root")
     if (s.study_dir / STUDY_FILE).exists():
         raise ValueError(f"study {s.name!r} already exists under {s.root!r}; "
                          f"resume it with `resume {s.name}` or choose another --name")
@@ -86,15 +76,16 @@ def run(s: StudyConfig) -> int:
     space = preflight_study(s)
     st.connect(s.address)
     try:
-        st.gpus_per_trial(s)  # refuse an impossible request before writing anything
+        gpus = st.gpus_per_trial(s)  # refuse an impossible request before writing anything
         Path(s.root).mkdir(parents=True, exist_ok=True)
         tracker = _tracker(s)
         note = f"DIP study {s.name}: {s.num_samples} trials, metric {s.metric}"
         parent = tracker.start_parent(s.to_dict(), space.spec, note)
-        _write_study(s, {"experiment_id": tracker.experiment_id, "parent_run_id": parent,
-                         "space": space.spec, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        tuner = st.build_tuner(s, space, _context(s, tracker.experiment_id, parent))
-        return _fit_and_finish(s, tracker, parent, tuner)
+        write_json(s.study_dir / STUDY_FILE, {
+            "study": s.to_dict(), "experiment_id": tracker.experiment_id, "parent_run_id": parent,
+            "space": space.spec, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        tuner = st.build_tuner(s, space, _context(s, tracker.experiment_id, parent), gpus)
+        return _fit_and_finish(s, tracker, parent, tuner, list(space.spec))
     finally:
         st.shutdown()
 
@@ -105,7 +96,7 @@ def resume(root: str, name: str, address: str = "") -> int:
     meta = read_study(root, name)
     s = StudyConfig.from_dict(meta["study"])
     if address:
-        s = StudyConfig.from_dict({**s.to_dict(), "address": address})
+        s = dataclasses.replace(s, address=address)
     _tracking().check_tracking_uri(s.resolved_tracking_uri)
     st.connect(s.address)
     try:
@@ -114,12 +105,12 @@ def resume(root: str, name: str, address: str = "") -> int:
         tracker = _tracker(s)
         tracker.reopen(meta["parent_run_id"])
         tuner = st.restore_tuner(s, _context(s, meta["experiment_id"], meta["parent_run_id"]))
-        return _fit_and_finish(s, tracker, meta["parent_run_id"], tuner)
+        return _fit_and_finish(s, tracker, meta["parent_run_id"], tuner, list(meta["space"]))
     finally:
         st.shutdown()
 
 
-def _fit_and_finish(s: StudyConfig, tracker: Any, parent: str, tuner: Any) -> int:
+def _fit_and_finish(s: StudyConfig, tracker: Any, parent: str, tuner: Any, searched: list[str]) -> int:
     from study import tune as st
 
     summary = st.fit(tuner)
@@ -136,7 +127,7 @@ def _fit_and_finish(s: StudyConfig, tracker: Any, parent: str, tuner: Any) -> in
         return 130
     tracker.end_open_children("KILLED", "the trial did not end with the study")
     tracker.finish_parent(parent, "FINISHED", best, summary)
-    _print_done(s, best, summary)
+    _print_done(s, best, summary, searched)
     return 0
 
 
@@ -148,13 +139,13 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _print_done(s: StudyConfig, best: dict[str, Any] | None, summary: dict[str, Any]) -> None:
+def _print_done(s: StudyConfig, best: dict[str, Any] | None, summary: dict[str, Any],
+                searched: list[str]) -> None:
     print(f"\nstudy {s.name!r} finished: {summary['terminated']} trials ended, {summary['errors']} failed")
     if best is None:
         print("no trial reported the metric; nothing to export")
         return
     cfg = best["config"]
-    searched = json.loads((s.study_dir / STUDY_FILE).read_text()).get("space", {})
     shown = ", ".join(f"{k} {_fmt(cfg[k])}" for k in searched if k in cfg
                       and not (k == "timestep" and cfg["noise_mode"] not in DDPM_MODES))
     print(f"best trial {best['trial_id']}: {s.metric} = {best['value']:.4f}  ({shown})")

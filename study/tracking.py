@@ -61,6 +61,16 @@ def _flat_params(d: dict[str, Any], prefix: str = "") -> list[Param]:
     return out
 
 
+def _find_trial_run(client: MlflowClient, experiment_id: str, trial_id: str) -> Any | None:
+    runs = client.search_runs([experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}'")
+    return runs[0] if runs else None
+
+
+def _end(client: MlflowClient, run_id: str, status: str, reason: str) -> None:
+    client.set_tag(run_id, REASON_TAG, reason[:5000])
+    client.set_terminated(run_id, status)
+
+
 def _metrics(m: dict[str, float], step: int) -> list[Metric]:
     ts = int(time.time() * 1000)
     return [Metric(k, float(v), ts, step) for k, v in m.items()
@@ -72,7 +82,6 @@ class StudyTracker:
 
     def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
         self.client = MlflowClient(tracking_uri=uri)
-        self.uri = uri
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             # The kind tells MLflow 3's UI to open on the runs table, not the GenAI overview.
@@ -98,10 +107,6 @@ class StudyTracker:
         return self.client.search_runs([self.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'",
                                        max_results=50000)
 
-    def find_trial_run(self, trial_id: str) -> Any | None:
-        runs = self.client.search_runs([self.experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}'")
-        return runs[0] if runs else None
-
     def trial_summaries(self) -> list[dict[str, Any]]:
         """Each child run as plain data: ids, status, latest metrics, completion."""
         return [{
@@ -116,18 +121,16 @@ class StudyTracker:
             return json.loads(Path(self.client.download_artifacts(run_id, name, d)).read_text())
 
     def end_trial(self, trial_id: str, status: str, reason: str) -> None:
-        run = self.find_trial_run(trial_id)
+        run = _find_trial_run(self.client, self.experiment_id, trial_id)
         if run is not None and run.info.status not in TERMINAL:
-            self.client.set_tag(run.info.run_id, REASON_TAG, reason[:5000])
-            self.client.set_terminated(run.info.run_id, status)
+            _end(self.client, run.info.run_id, status, reason)
 
     def end_open_children(self, status: str, reason: str) -> int:
         """End every child run still RUNNING (an interrupted study); returns how many."""
         n = 0
         for run in self.child_runs():
             if run.info.status not in TERMINAL:
-                self.client.set_tag(run.info.run_id, REASON_TAG, reason)
-                self.client.set_terminated(run.info.run_id, status)
+                _end(self.client, run.info.run_id, status, reason)
                 n += 1
         return n
 
@@ -149,14 +152,13 @@ class TrialLogger:
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, study: str,
                  trial_id: str, trial_name: str, config: dict[str, Any]):
         self.client = MlflowClient(tracking_uri=uri)
-        runs = self.client.search_runs([experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}'")
-        self.resumed = bool(runs)
+        found = _find_trial_run(self.client, experiment_id, trial_id)
         # Steps already logged: a restored trial repeats the reports between its last
         # checkpoint and the interruption, with the same values; they are not logged twice.
         self.logged_until = 0
-        if runs:  # a restored trial continues its own run
-            self.run_id = runs[0].info.run_id
-            self.logged_until = int(runs[0].data.metrics.get("iteration", 0))
+        if found is not None:  # a restored trial continues its own run
+            self.run_id = found.info.run_id
+            self.logged_until = int(found.data.metrics.get("iteration", 0))
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             run = self.client.create_run(experiment_id, run_name=trial_name, tags={
@@ -181,6 +183,5 @@ class TrialLogger:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def end(self, status: str, reason: str) -> None:
-        self.client.set_tag(self.run_id, REASON_TAG, reason[:5000])
-        self.client.set_terminated(self.run_id, status)
+        _end(self.client, self.run_id, status, reason)
 

@@ -57,11 +57,12 @@ def connect(address: str) -> None:
 
 def gpus_per_trial(s: StudyConfig) -> float:
     """The study's request, or 1 when the cluster has GPUs; refuses what cannot run."""
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    resources = ray.cluster_resources()
+    cluster_gpus = resources.get("GPU", 0)
     g = s.gpus_per_trial if s.gpus_per_trial >= 0 else (1.0 if cluster_gpus else 0.0)
     if g > 0 and cluster_gpus == 0:
         raise ValueError(f"gpus_per_trial = {g} but the Ray cluster has no GPU; allowed here: 0")
-    cpus = ray.cluster_resources().get("CPU", 0)
+    cpus = resources.get("CPU", 0)
     if s.cpus_per_trial > cpus:
         raise ValueError(f"cpus_per_trial = {s.cpus_per_trial} but the Ray cluster has {cpus:g} CPUs")
     return g
@@ -96,7 +97,7 @@ def _log_images(log: TrialLogger, trial: Trial, step: int, final: bool) -> None:
             log.log_image(f"{pre}observation", img.to_hwc(run.data.observation), 0)
             log.log_image(f"{pre}input", img.to_hwc(run.dip_input.view()), 0)
         else:
-            log.log_image(f"{pre}output", img.to_hwc(trial.output(run)), step)
+            log.log_image(f"{pre}output", img.to_hwc(run.output), step)  # from this report
             if final and run.ema is not None:
                 log.log_image(f"{pre}output_ema", img.to_hwc(run.ema), step)
 
@@ -183,17 +184,18 @@ def _scheduler(s: StudyConfig) -> Any:
                          reduction_factor=s.reduction_factor)
 
 
-def _trainable(s: StudyConfig, ctx: StudyContext) -> Any:
-    resources = {"cpu": s.cpus_per_trial, "gpu": gpus_per_trial(s)}
+def _trainable(s: StudyConfig, ctx: StudyContext, gpus: float) -> Any:
+    resources = {"cpu": s.cpus_per_trial, "gpu": gpus}
     return tune.with_resources(tune.with_parameters(dip_trainable, ctx=ctx), resources)
 
 
-def build_tuner(s: StudyConfig, space: SearchSpace, ctx: StudyContext) -> tune.Tuner:
+def build_tuner(s: StudyConfig, space: SearchSpace, ctx: StudyContext, gpus: float) -> tune.Tuner:
+    """`gpus`: per trial, as `gpus_per_trial` resolved it."""
     search = OptunaSearch(space=space, metric=s.metric, mode=s.mode, sampler=make_sampler(s.seed))
     if s.max_concurrent:
         search = ConcurrencyLimiter(search, max_concurrent=s.max_concurrent)
     return tune.Tuner(
-        _trainable(s, ctx),
+        _trainable(s, ctx, gpus),
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search,
                                     scheduler=_scheduler(s), num_samples=s.num_samples),
         run_config=tune.RunConfig(
@@ -217,7 +219,7 @@ def can_restore(s: StudyConfig) -> bool:
 def restore_tuner(s: StudyConfig, ctx: StudyContext) -> tune.Tuner:
     """Finished trials stay finished, unfinished ones continue from their last checkpoint;
     the searcher (Optuna's history) and the sample count come back from the saved state."""
-    return tune.Tuner.restore(experiment_path(s), trainable=_trainable(s, ctx),
+    return tune.Tuner.restore(experiment_path(s), trainable=_trainable(s, ctx, gpus_per_trial(s)),
                               resume_unfinished=True, resume_errored=False)
 
 

@@ -161,3 +161,18 @@ def test_load_config_file_errors(tmp_path, content, fragment):
 def test_load_config_file_on_a_folder(tmp_path):
     with pytest.raises(ValueError, match="cannot read"):
         load_config_file(tmp_path)
+
+
+def test_config_choices_match_the_libraries():
+    """config.py is standard library only, so it spells the choices out itself; these must
+    stay the lists that noise/ and models/ actually implement."""
+    import models
+    import noise
+    from models.skip import UPSAMPLES
+    from study import config
+
+    assert config.NOISE_MODES == noise.INPUT_MODES
+    assert config.DDPM_MODES == noise.DDPM_MODES
+    assert config.SCHEDULES == noise.SCHEDULES
+    assert config.NETWORKS == models.NETWORKS
+    assert set(config.UPSAMPLES) == set(UPSAMPLES)
