@@ -15,8 +15,12 @@ from study.config import TrialConfig, load_config_file
 FLAG_NAMES = {"images": "--image"}
 
 
+# Resolved once: get_type_hints evaluates every annotation of the class on each call.
+HINTS = get_type_hints(TrialConfig)
+
+
 def _field_type(f: dataclasses.Field) -> tuple[type, tuple[str, ...] | None]:
-    t = get_type_hints(TrialConfig)[f.name]
+    t = HINTS[f.name]
     if get_origin(t) is Literal:
         return str, get_args(t)
     return t, None
