@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: the DIP reference denoising setup, one row per input mode and seed.
 
-The setup of DmitryUlyanov/deep-image-prior's denoising notebook (see SCIENCE.md):
+The setup of DmitryUlyanov/deep-image-prior's denoising notebook (see docs/science.md):
 camera in gray, y = clip(x + N(0, (25/255)^2), 0, 1); the `skip` net with 5 scales of
 128 channels, skips of 4, bilinear upsampling; 32 input channels of U(0, 0.1) perturbed
 by N(0, (1/30)^2) each step (uniform mode); Adam, lr 0.01, MSE, output EMA 0.99.

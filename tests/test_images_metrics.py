@@ -169,7 +169,7 @@ def test_degraded_to_keeps_everything():
 
 @pytest.fixture(scope="module")
 def noisy_camera():
-    """SCIENCE.md's sanity case: camera 128 gray, sigma 25/255, seed 0."""
+    """docs/science.md's sanity case: camera 128 gray, sigma 25/255, seed 0."""
     cfg = TrialConfig(size=128, color="gray", sigma=25 / 255)
     clean = img.load_image("camera", 128, "gray")
     return clean, img.degrade(clean, cfg, gen(0)).observation

@@ -29,7 +29,7 @@ def observation():
 # --- schedules -----------------------------------------------------------------------
 
 # Precise alpha_bar_t of the DDPM linear schedule (T = 1000) and the 3-figure values
-# quoted in SCIENCE.md that they must round to.
+# quoted in docs/science.md that they must round to.
 GOLDEN_ABAR = {25: (0.9909652130824728, 0.991), 100: (0.8951415908975365, 0.895),
                200: (0.6563470055193468, 0.656), 300: (0.39401112252338205, 0.394),
                500: (0.07779665836502389, 0.078), 999: (4.0358297653756754e-05, 0.00004)}
