@@ -75,6 +75,8 @@ class TrialConfig:
     eval_draws: int = 4           # stochastic inputs: outputs averaged over this many draws
     report_every: int = 25        # iterations between reports
     seed: int = 0                 # seeds network init, degradation and input draws
+    repeats: int = 1              # networks per image, seeds seed..seed+repeats-1 (repeat r = a trial
+                                  # with seed + r); the objective is the mean over images x repeats
     device: str = "auto"          # auto: cuda if available, else cpu
 
     def __post_init__(self) -> None:
@@ -224,6 +226,8 @@ def validate(c: TrialConfig) -> None:
     _number("eval_draws", c.eval_draws, int, 1, 1000)
     _number("report_every", c.report_every, int, 1, 10_000_000)
     _number("seed", c.seed, int, 0, 2**63 - 1)
+    # Every network of a trial is trained at once, so this bounds the memory a trial takes.
+    _number("repeats", c.repeats, int, 1, 256)
     if not isinstance(c.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
         raise ValueError(f"unknown device {c.device!r}; allowed: auto, cpu, cuda, cuda:N")
 
