@@ -16,6 +16,8 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from .packed import Conv2d, group_cat
+
 Upsample = Literal["bilinear", "nearest"]
 Pad = Literal["reflection", "zero"]
 UPSAMPLES: tuple[str, ...] = get_args(Upsample)
@@ -109,23 +111,25 @@ def check_input(x: torch.Tensor, in_channels: int, scales: int, min_bottom: int 
         )
 
 
-def _conv(spec: SkipSpec, c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+def _conv(spec: SkipSpec, c_in: int, c_out: int, kernel: int, stride: int = 1,
+          groups: int = 1) -> nn.Conv2d:
     """common.conv: 'same' padding of (k - 1) // 2; padding_mode='reflect' computes what
-    the reference's ReflectionPad2d followed by an unpadded conv computes."""
+    the reference's ReflectionPad2d followed by an unpadded conv computes. `groups`
+    networks side by side (see models/packed.py)."""
     mode = "reflect" if spec.pad == "reflection" else "zeros"
-    return nn.Conv2d(
-        c_in, c_out, kernel, stride, padding=(kernel - 1) // 2, padding_mode=mode,
-        bias=spec.need_bias,
+    return Conv2d(
+        c_in * groups, c_out * groups, kernel, stride, padding=(kernel - 1) // 2,
+        padding_mode=mode, bias=spec.need_bias, groups=groups,
     )
 
 
 def _conv_bn_act(
-    spec: SkipSpec, c_in: int, c_out: int, kernel: int, stride: int = 1
+    spec: SkipSpec, c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1
 ) -> nn.Sequential:
     # BatchNorm + LeakyReLU(0.2) after every conv but the last, as common.bn / common.act.
     return nn.Sequential(
-        _conv(spec, c_in, c_out, kernel, stride),
-        nn.BatchNorm2d(c_out),
+        _conv(spec, c_in, c_out, kernel, stride, groups),
+        nn.BatchNorm2d(c_out * groups),
         nn.LeakyReLU(0.2, inplace=True),
     )
 
@@ -133,8 +137,9 @@ def _conv_bn_act(
 class _Level(nn.Module):
     """Scale i: BN(concat(skip(x), up(inner(down(x))))) -> conv -> [1x1 conv], each + BN + act."""
 
-    def __init__(self, spec: SkipSpec, i: int, c_in: int) -> None:
+    def __init__(self, spec: SkipSpec, i: int, c_in: int, groups: int = 1) -> None:
         super().__init__()
+        self.groups = g = groups
         c_skip, c_down, c_up = spec.channels_skip[i], spec.channels_down[i], spec.channels_up[i]
         last = i == spec.scales - 1
         # What comes back up from below: the next level's decoder width, or at the bottom
@@ -143,19 +148,19 @@ class _Level(nn.Module):
         k = spec.filter_size
         # Built in the reference's order (skip, down, up, then the next level) so a seed
         # draws the same initial weights as the reference.
-        self.skip = _conv_bn_act(spec, c_in, c_skip, spec.filter_skip_size) if c_skip else None
+        self.skip = _conv_bn_act(spec, c_in, c_skip, spec.filter_skip_size, groups=g) if c_skip else None
         self.down = nn.Sequential(
-            _conv_bn_act(spec, c_in, c_down, k, stride=2),
-            _conv_bn_act(spec, c_down, c_down, k),
+            _conv_bn_act(spec, c_in, c_down, k, 2, g),
+            _conv_bn_act(spec, c_down, c_down, k, groups=g),
         )
         # align_corners left at its default (False), as the reference's nn.Upsample.
         self.upsample = nn.Upsample(scale_factor=2, mode=spec.upsample)
-        self.merge_bn = nn.BatchNorm2d(c_skip + c_deeper)
-        up = [_conv_bn_act(spec, c_skip + c_deeper, c_up, k)]
+        self.merge_bn = nn.BatchNorm2d((c_skip + c_deeper) * g)
+        up = [_conv_bn_act(spec, c_skip + c_deeper, c_up, k, groups=g)]
         if spec.need1x1_up:
-            up.append(_conv_bn_act(spec, c_up, c_up, 1))
+            up.append(_conv_bn_act(spec, c_up, c_up, 1, groups=g))
         self.up = nn.Sequential(*up)
-        self.inner = None if last else _Level(spec, i + 1, c_down)
+        self.inner = None if last else _Level(spec, i + 1, c_down, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         deeper = self.down(x)
@@ -165,23 +170,25 @@ class _Level(nn.Module):
         if self.skip is not None:
             # Sides divisible by 2**scales (checked by Skip) make both branches the same
             # size, so the reference's centre crop in Concat never cuts anything.
-            deeper = torch.cat([self.skip(x), deeper], dim=1)
+            deeper = group_cat([self.skip(x), deeper], self.groups)
         return self.up(self.merge_bn(deeper))
 
 
 class Skip(nn.Module):
-    """The DIP "skip" network: nested _Level modules, then a 1x1 conv and a sigmoid."""
+    """The DIP "skip" network: nested _Level modules, then a 1x1 conv and a sigmoid.
+    With groups=K, K such networks packed side by side (models/packed.py)."""
 
-    def __init__(self, spec: SkipSpec) -> None:
+    def __init__(self, spec: SkipSpec, groups: int = 1) -> None:
         super().__init__()
-        self.spec = spec
-        self.body = _Level(spec, 0, spec.in_channels)
-        self.head = _conv(spec, spec.channels_up[0], spec.out_channels, 1)
+        self.spec, self.groups = spec, groups
+        self.body = _Level(spec, 0, spec.in_channels, groups)
+        self.head = _conv(spec, spec.channels_up[0], spec.out_channels, 1, groups=groups)
         self.out_act = nn.Sigmoid() if spec.need_sigmoid else nn.Identity()
         # Reflection padding by p needs more than p pixels to reflect, also at the bottom.
         pad = (spec.filter_size - 1) // 2
         self._min_bottom = pad + 1 if spec.pad == "reflection" else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.spec.in_channels, self.spec.scales, self._min_bottom)
-        return self.out_act(self.head(self.body(x)))
+        check_input(x, self.spec.in_channels * self.groups, self.spec.scales, self._min_bottom)
+        # float(): under bf16 autocast the sigmoid and everything after it stay float32.
+        return self.out_act(self.head(self.body(x)).float())

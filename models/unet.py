@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .packed import group_cat
 from .skip import UPSAMPLES, Upsample, check_input
 
 
@@ -46,45 +47,48 @@ class UNetSpec:
         return self.base_channels * 2 ** level
 
 
-def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
+def _double_conv(c_in: int, c_out: int, g: int = 1) -> nn.Sequential:
     # No conv bias: the BatchNorm right after subtracts any constant offset anyway.
+    # g networks side by side (models/packed.py).
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
+        nn.Conv2d(c_in * g, c_out * g, 3, padding=1, bias=False, groups=g),
+        nn.BatchNorm2d(c_out * g),
         nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
+        nn.Conv2d(c_out * g, c_out * g, 3, padding=1, bias=False, groups=g),
+        nn.BatchNorm2d(c_out * g),
         nn.ReLU(inplace=True),
     )
 
 
 class UNet(nn.Module):
-    """Encoder of `scales` max-pool + double-conv steps, mirrored decoder with skips."""
+    """Encoder of `scales` max-pool + double-conv steps, mirrored decoder with skips.
+    With groups=K, K such networks packed side by side (models/packed.py)."""
 
-    def __init__(self, spec: UNetSpec) -> None:
+    def __init__(self, spec: UNetSpec, groups: int = 1) -> None:
         super().__init__()
-        self.spec = spec
-        self.stem = _double_conv(spec.in_channels, spec.width(0))
+        self.spec, self.groups = spec, groups
+        g = groups
+        self.stem = _double_conv(spec.in_channels, spec.width(0), g)
         self.pool = nn.MaxPool2d(2)
         self.downs = nn.ModuleList(
-            _double_conv(spec.width(i - 1), spec.width(i)) for i in range(1, spec.scales + 1)
+            _double_conv(spec.width(i - 1), spec.width(i), g) for i in range(1, spec.scales + 1)
         )
         self.upsample = nn.Upsample(scale_factor=2, mode=spec.upsample)
         # Decoder, deepest first: upsampled level i concatenated with the skip of level i - 1.
         self.ups = nn.ModuleList(
-            _double_conv(spec.width(i) + spec.width(i - 1), spec.width(i - 1))
+            _double_conv(spec.width(i) + spec.width(i - 1), spec.width(i - 1), g)
             for i in range(spec.scales, 0, -1)
         )
-        self.head = nn.Conv2d(spec.width(0), spec.out_channels, 1)
+        self.head = nn.Conv2d(spec.width(0) * g, spec.out_channels * g, 1, groups=g)
         self.out_act = nn.Sigmoid() if spec.need_sigmoid else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.spec.in_channels, self.spec.scales)
+        check_input(x, self.spec.in_channels * self.groups, self.spec.scales)
         x = self.stem(x)
         skips = []
         for down in self.downs:
             skips.append(x)
             x = down(self.pool(x))
         for up, skip in zip(self.ups, reversed(skips), strict=True):
-            x = up(torch.cat([skip, self.upsample(x)], dim=1))
-        return self.out_act(self.head(x))
+            x = up(group_cat([skip, self.upsample(x)], self.groups))
+        return self.out_act(self.head(x).float())

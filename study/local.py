@@ -22,15 +22,10 @@ def progress_line(m: dict[str, float], total: int) -> str:
 
 
 def save_images(trial: Trial, out: Path) -> None:
-    """observation.png, input.png, output.png (and output_ema.png); prefixed by the image
-    label when a trial has several images."""
-    for run in trial.runs:
-        pre = f"{run.label}_" if len(trial.runs) > 1 else ""
-        img.save_png(run.data.observation, out / f"{pre}observation.png")
-        img.save_png(run.dip_input.view(), out / f"{pre}input.png")
-        img.save_png(run.output, out / f"{pre}output.png")  # evaluated at the last report
-        if run.ema is not None:
-            img.save_png(run.ema, out / f"{pre}output_ema.png")
+    """observation.png, input.png, output.png and output_ema.png, as a study logs them
+    (`Trial.report_images`); `<image>_` prefixed when a trial has several images."""
+    for name, image, _ in trial.report_images(setup=True, final=True):
+        img.save_png(image, out / f"{name.replace('/', '_')}.png")
 
 
 def train(cfg: TrialConfig, out: Path, quiet: bool = False) -> dict[str, Any]:
@@ -39,7 +34,9 @@ def train(cfg: TrialConfig, out: Path, quiet: bool = False) -> dict[str, Any]:
     trial = Trial(cfg)
     obs = trial.observation_metrics()
     if not quiet:
-        labels = ", ".join(r.label for r in trial.runs)
+        labels = ", ".join(trial.image_labels)
+        if cfg.repeats > 1:
+            labels += f" x {cfg.repeats} repeats (seeds {cfg.seed}..{cfg.seed + cfg.repeats - 1})"
         print(f"training {cfg.net} on {labels} ({cfg.task}, {cfg.size}px, {cfg.noise_mode}"
               f"{f' t={cfg.timestep}' if cfg.is_ddpm else ''}, lr {cfg.lr}) on {trial.device}; "
               f"observation psnr {obs['psnr_observation']:.2f} ssim {obs['ssim_observation']:.3f}",

@@ -20,14 +20,22 @@ def _hwc(x: torch.Tensor) -> np.ndarray:
     return x.detach().double().cpu().clamp(0, 1)[0].permute(1, 2, 0).numpy()
 
 
+def psnr_batch(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB (data range 1) of each image of a (K, C, H, W) batch, as a float64 (K,)
+    tensor on the batch's device: the loop tracks the best PSNR of every network each
+    iteration without waiting for the device. The formula of skimage's
+    `peak_signal_noise_ratio` (a test pins the two together)."""
+    if x.shape != ref.shape or x.dim() != 4:
+        raise ValueError(f"expected two (K, C, H, W) batches of one shape, got {tuple(x.shape)} and {tuple(ref.shape)}")
+    mse = ((x.detach().double().clamp(0, 1) - ref.detach().double()) ** 2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(DATA_RANGE**2 / mse.clamp_min(1e-30))
+
+
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB (data range 1), on the tensors' device: the loop
-    tracks the best PSNR every iteration, so it must not copy to the CPU. It is the same
-    formula as skimage's `peak_signal_noise_ratio` (a test pins the two together)."""
+    """PSNR in dB (data range 1) of one (1, C, H, W) image."""
     if x.shape != ref.shape:
         raise ValueError(f"shapes differ: {tuple(x.shape)} and {tuple(ref.shape)}")
-    mse = torch.mean((x.detach().double().clamp(0, 1) - ref.detach().double()) ** 2)
-    return float(10 * torch.log10(DATA_RANGE**2 / mse.clamp_min(1e-30)))
+    return float(psnr_batch(x, ref)[0])
 
 
 def psnr_skimage(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -118,21 +118,28 @@ def test_images_with_one_stem_keep_separate_metrics(tmp_path):
         (tmp_path / folder).mkdir()
         Image.fromarray(rng.integers(0, 255, (32, 32), np.uint8)).save(tmp_path / folder / "x.png")
     trial = Trial(tiny(images=(str(tmp_path / "a"), str(tmp_path / "b"), "camera", "camera")))
-    assert [r.label for r in trial.runs] == ["x", "x_1", "camera", "camera_3"]
+    assert trial.image_labels == ["x", "x_1", "camera", "camera_3"]
     trial.step()
     assert {"psnr/x", "psnr/x_1", "psnr/camera", "psnr/camera_3"} <= set(trial.evaluate())
 
 
-def test_nan_loss_raises_trial_diverged():
+def test_nan_loss_raises_trial_diverged_at_the_report():
     # With BatchNorm and a sigmoid out, no lr the config allows (<= 10) makes the loss
-    # overflow, so the divergence is injected as a NaN observation.
-    trial = Trial(tiny(lr=0.5))
-    trial.runs[0].data.observation.fill_(math.nan)
+    # overflow, so the divergence is injected as a NaN observation of one network. The
+    # step does not wait for the device: the first report names the first bad iteration.
+    trial = Trial(tiny(lr=0.5, images=("coins", "camera"), repeats=2, report_every=3))
+    pack = trial.packs[0]
+    assert [(n.label, n.repeat) for n in pack.networks][3] == ("camera", 1)
+    pack.data.observation[3].fill_(math.nan)
+    reports = []
     with pytest.raises(TrialDiverged) as e:
-        run_trial(trial.cfg, no_report, trial=trial)
+        run_trial(trial.cfg, lambda m, t: reports.append(m), trial=trial)
     msg = str(e.value)
-    assert "nan" in msg and "iteration 1" in msg and "'camera'" in msg and "lr = 0.5" in msg
-    assert isinstance(e.value, RuntimeError)
+    assert "nan" in msg and "iteration 1 " in msg and "'camera' (repeat 1, seed 1)" in msg
+    assert "lr = 0.5" in msg and isinstance(e.value, RuntimeError)
+    assert reports == [] and trial.iteration == 3
+    # The other networks trained on, unaffected (they share no parameter).
+    assert torch.isfinite(pack.loss[:3]).all()
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -147,39 +154,39 @@ def test_every_mode_and_task_runs(mode, task):
 def test_stochastic_output_averages_draws_of_the_trained_input(mode):
     trial = Trial(tiny(noise_mode=mode, eval_draws=3))
     trial.step()
-    run = trial.runs[0]
-    assert run.dip_input.stochastic
+    pack, net = trial.packs[0], trial.networks[0]
+    assert net.dip_input.stochastic
     draws = []
-    original = run.dip_input.sample
+    original = net.draw
 
     def spy(generator):
-        assert generator is run.eval_gen  # never the training generator
+        assert generator is net.eval_gen  # never the training generator
         draws.append(original(generator))
         return draws[-1]
 
-    run.dip_input.sample = spy
-    state = run.eval_gen.get_state()
-    out = trial.output(run)
+    net.draw = spy
+    state = net.eval_gen.get_state()
+    out = pack.eval_outputs(trial.cfg.eval_draws)
     assert len(draws) == 3
     with torch.no_grad():
-        expected = torch.stack([run.net(z) for z in draws]).mean(0)
+        expected = torch.stack([pack.net(z) for z in draws]).mean(0)
     assert torch.allclose(out, expected)
     # The draws are the trained distribution's: replaying the generator reproduces them.
-    run.eval_gen.set_state(state)
-    assert torch.equal(original(run.eval_gen), draws[0])
+    net.eval_gen.set_state(state)
+    assert torch.equal(net.dip_input.sample(net.eval_gen), draws[0])
 
 
 def test_fixed_input_output_is_the_network_on_its_input():
     trial = Trial(tiny(noise_mode="ddpm"))
     trial.step()
-    run = trial.runs[0]
+    pack, net = trial.packs[0], trial.networks[0]
     with torch.no_grad():
-        assert torch.allclose(trial.output(run), run.net(run.dip_input.z))
+        assert torch.allclose(pack.eval_outputs(trial.cfg.eval_draws), pack.net(net.dip_input.z))
 
 
 def test_unet_runs():
     trial = Trial(tiny(net="unet", iterations=5))
-    assert isinstance(trial.runs[0].net, UNet)
+    assert isinstance(trial.packs[0].net, UNet)
     r = run_trial(trial.cfg, no_report, trial=trial)
     assert math.isfinite(r["psnr"])
 
@@ -187,7 +194,7 @@ def test_unet_runs():
 @pytest.mark.parametrize("task", ["denoise", "inpaint", "sr"])
 def test_ddpm_input_is_built_from_the_observation(task):
     trial = Trial(tiny(noise_mode="ddpm", task=task))
-    run = trial.runs[0]
+    run = trial.networks[0]
     x0 = run.dip_input.x0
     assert torch.allclose(x0, 2 * run.data.input_image - 1)
     assert not torch.allclose(x0, 2 * run.data.clean - 1, atol=1e-3)
