@@ -154,3 +154,14 @@ def load_space(path: str | None, base: TrialConfig) -> SearchSpace:
 def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
     """TPE, seeded, so a study's proposals repeat for the same seed."""
     return optuna.samplers.TPESampler(seed=seed)
+
+
+OPTUNA_DB = "optuna.db"  # under the study's folder: ROOT/NAME/optuna.db
+
+
+def make_storage(path: Path) -> optuna.storages.RDBStorage:
+    """The study's Optuna record on sqlite. Ray's OptunaSearch loads the study of that name
+    if it exists, so every trial ever asked stays there: `extend` conditions the sampler
+    on them, the report reads them, `optuna-dashboard sqlite:///PATH` opens them."""
+    # A reader (the report, optuna-dashboard) may hold the file for a moment: wait for it.
+    return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 30}})

@@ -19,7 +19,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study import images as img
 from study.config import StudyConfig, TrialConfig
-from study.space import SearchSpace, make_sampler
+from study.jobs import job_working_dir
+from study.space import OPTUNA_DB, SearchSpace, make_sampler, make_storage
 from study.tracking import StudyTracker, TrialLogger
 from study.trial import Trial, run_trial
 
@@ -48,6 +49,8 @@ def connect(address: str) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network from here
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": RUNTIME_EXCLUDES}
+    if job_working_dir():  # a Ray job's driver: the job ships the code; Ray refuses a second working_dir
+        runtime_env = None
     try:
         ray.init(address=address or None, runtime_env=runtime_env, include_dashboard=False,
                  logging_level="WARNING", ignore_reinit_error=True)
@@ -190,15 +193,31 @@ def _trainable(s: StudyConfig, ctx: StudyContext, gpus: float) -> Any:
     return tune.with_resources(tune.with_parameters(dip_trainable, ctx=ctx), resources)
 
 
-def build_tuner(s: StudyConfig, space: SearchSpace, ctx: StudyContext, gpus: float) -> tune.Tuner:
-    """`gpus`: per trial, as `gpus_per_trial` resolved it."""
-    search = OptunaSearch(space=space, metric=s.metric, mode=s.mode, sampler=make_sampler(s.seed))
+class TrialName:
+    """Trials numbered through the whole study, `extend` going on from `first`: Tune's
+    experiment tag starts with the trial's 1-based count in this experiment."""
+
+    def __init__(self, first: int = 0):
+        self.first = first
+
+    def __call__(self, trial: Any) -> str:
+        count = str(trial.experiment_tag).split("_", 1)[0]
+        return f"trial_{self.first + int(count) - 1:04d}" if count.isdigit() else str(trial.trial_id)
+
+
+def build_tuner(s: StudyConfig, space: SearchSpace, ctx: StudyContext, gpus: float,
+                first_trial: int = 0) -> tune.Tuner:
+    """`gpus`: per trial, as `gpus_per_trial` resolved it; `first_trial`: the number of the
+    first trial (earlier ones belong to the study `extend` adds to)."""
+    search = OptunaSearch(space=space, metric=s.metric, mode=s.mode, sampler=make_sampler(s.seed),
+                          storage=make_storage(s.study_dir / OPTUNA_DB), study_name=s.name)
     if s.max_concurrent:
         search = ConcurrencyLimiter(search, max_concurrent=s.max_concurrent)
     return tune.Tuner(
         _trainable(s, ctx, gpus),
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search,
-                                    scheduler=_scheduler(s), num_samples=s.num_samples),
+                                    scheduler=_scheduler(s), num_samples=s.num_samples,
+                                    trial_name_creator=TrialName(first_trial)),
         run_config=tune.RunConfig(
             name="tune", storage_path=s.resolved_storage,
             callbacks=[EndRunsCallback(ctx.tracking_uri, s.name, s.trial.iterations, s.scheduler)],
