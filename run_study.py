@@ -13,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from study.cliargs import add_config_flags, build_config
-from study.config import BUNDLED_IMAGES, METRICS, StudyConfig
+from study.cliargs import add_config_flags, add_study_flags, build_config, study_overrides
+from study.config import BUNDLED_IMAGES, StudyConfig
+from study.cli_answer import add_answer_parsers, apply_preset
 from study.paths import check_writable
 
 
@@ -52,28 +53,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _study_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", help="study name [demo-TIMESTAMP]")
-    p.add_argument("--root", help="absolute folder for every study's data [./studies, made absolute]")
-    p.add_argument("--num-samples", type=int, help="trials in the study [8]")
-    p.add_argument("--metric", help="objective at each trial's end [psnr_ema]; one of: " + ", ".join(METRICS))
-    p.add_argument("--scheduler", help="early stopping [asha]; one of: asha, median, fifo")
-    p.add_argument("--grace-period", type=int, help="iterations before a trial may be stopped [iterations/4]")
-    p.add_argument("--space", dest="space_file", metavar="FILE.yaml", help="search space file (YAML or JSON)")
-    p.add_argument("--address", help="Ray cluster address: HOST:PORT, auto or ray://HOST:PORT [local Ray]")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI [sqlite:///ROOT/mlflow.db]")
-    p.add_argument("--storage", help="Ray storage for results/checkpoints, e.g. s3://bucket/dip [ROOT/NAME/ray]")
-    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed [1 if the cluster has GPUs, else 0]")
-    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial [1]")
-    p.add_argument("--max-concurrent", type=int, help="trials at once [as many as fit]")
-    p.add_argument("--seed", dest="study_seed", type=int, help="seeds Optuna's sampler and the trials [0]")
-    p.add_argument("--image-every", type=int, help="iterations between output images in MLflow [100]")
+    add_study_flags(p)
     p.add_argument("--config", metavar="FILE.json", help="base trial config (or an export); flags override it")
     add_config_flags(p, skip=("seed",))
-
-
-STUDY_FLAGS = {"name", "root", "num_samples", "metric", "scheduler", "grace_period", "space_file",
-               "address", "tracking_uri", "storage", "gpus_per_trial", "cpus_per_trial",
-               "max_concurrent", "image_every"}
 
 
 def default_root() -> str:
@@ -93,11 +75,8 @@ def build_study(ns: argparse.Namespace) -> StudyConfig:
     trial = build_config(ns, base)
     # Paths reach Ray workers, whose working folder differs: make them absolute.
     trial = trial.replace(images=tuple(i if i in BUNDLED_IMAGES else os.path.abspath(i) for i in trial.images))
-    d = {k: getattr(ns, k) for k in STUDY_FLAGS if getattr(ns, k, None) is not None}
-    d["root"] = _root(ns)
+    d = {**study_overrides(ns), "root": _root(ns)}
     d.setdefault("name", f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    if ns.study_seed is not None:
-        d["seed"] = ns.study_seed
     return StudyConfig(trial=trial, **d)
 
 
@@ -105,7 +84,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from study import service
 
     try:
-        s = build_study(ns)
+        s = build_study(apply_preset(ns))
         print(f"study {s.name!r}: {s.num_samples} trials of {s.trial.iterations} iterations on "
               f"{', '.join(s.trial.images)} ({s.trial.task}, {s.trial.size}px), metric {s.metric}; "
               f"data under {s.root}", flush=True)
@@ -181,6 +160,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     _train_parser(sub)
     _service_parsers(sub)
+    add_answer_parsers(sub)  # report, apply, run --preset (study/cli_answer.py)
+    __import__("study.cli_jobs").cli_jobs.add_parsers(sub)  # submit, status, logs, stop, list, extend
     return p
 
 
