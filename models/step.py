@@ -24,6 +24,7 @@ WARMUP_STEPS = 3  # eager steps on a side stream before capture (lazy cuDNN/cuBL
 
 @dataclass(frozen=True)
 class StepOptions:
+    pack: bool = True                # K networks as one grouped network; False: K separate ones
     channels_last: bool = False      # NHWC tensors end to end (cuDNN's native layout)
     bf16: bool = False               # bf16 autocast of forward and loss; outputs stay float32
     cuda_graph: bool = False         # capture the whole step once, then replay it
@@ -44,7 +45,9 @@ class StepOptions:
             raise ValueError(f"unknown reflection padding {self.reflect!r}; allowed: native, cat")
 
     def describe(self) -> str:
-        on = [f.name for f in fields(self) if f.name != "reflect" and getattr(self, f.name)]
+        on = [f.name for f in fields(self) if f.name not in ("pack", "reflect") and getattr(self, f.name)]
+        if not self.pack:
+            on.insert(0, "separate")
         if self.reflect != "native":
             on.append(f"reflect_{self.reflect}")
         return "+".join(on) or "fp32_eager"

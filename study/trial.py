@@ -257,9 +257,10 @@ class Trial:
                                [n.gen for n in self.networks])
 
     def _packs(self) -> list[Pack]:
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple[int, ...], list[int]] = {}
         for i, n in enumerate(self.networks):
-            groups.setdefault((n.dip_input.channels, n.data.clean.shape[1]), []).append(i)
+            key = (n.dip_input.channels, n.data.clean.shape[1]) if self.options.pack else (i,)
+            groups.setdefault(key, []).append(i)
         return [Pack(self.cfg, [self.networks[i] for i in idx], idx, self.device, self.options)
                 for idx in groups.values()]
 
