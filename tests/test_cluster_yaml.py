@@ -1,7 +1,9 @@
 """Tests of cluster.yaml: Ray's own validator accepts it, the way `ray up` checks it before
 contacting AWS, and it holds what a DIP study on GPU workers needs. No network, no cloud."""
 
+import argparse
 import copy
+import json
 import re
 import shlex
 from pathlib import Path
@@ -139,13 +141,27 @@ def test_head_can_launch_workers(config):
     assert "$RAY_HEAD_IP:6379" in " ".join(config["worker_start_ray_commands"])
 
 
+PRIVATE_IP = "$(hostname -I | cut -d' ' -f1)"  # the head's private address, as setup writes it
+
+
 def test_mlflow_server_runs_on_the_head_only(config):
     head = " ".join(config["head_start_ray_commands"])
     assert "mlflow server" in head
-    assert "--host 0.0.0.0" in head and "--port 5000" in head
+    assert f"--host {PRIVATE_IP}" in head and "--port 5000" in head
     assert "--backend-store-uri sqlite:////" in head  # four slashes: an absolute path
     workers = " ".join(config["worker_setup_commands"] + config["worker_start_ray_commands"])
     assert "mlflow" not in workers
+
+
+def test_no_ui_listens_on_every_interface(config):
+    """MLflow on the private address the workers use (a Host header MLflow 3 accepts without
+    --allowed-hosts), the dashboard and job API on localhost (`ray dashboard` tunnels there)."""
+    head = " ".join(config["head_start_ray_commands"])
+    assert "0.0.0.0" not in head
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "--allowed-hosts" not in head  # it would replace MLflow's default list
+    uri = [c for c in config["head_setup_commands"] if "export DIP_TRACKING_URI=" in c]
+    assert uri and f"http://{PRIVATE_IP}:5000" in uri[0]  # the address MLflow binds
 
 
 def test_token_auth_is_shared_with_the_workers(config):
@@ -180,19 +196,28 @@ def command_params() -> list:
 
 
 def check_command(args: str) -> object:
-    """Parse one command as run_study.py would; every flag must exist. Returns the namespace."""
+    """Parse one command as run_study.py would; every flag must exist. Returns the namespace
+    (for `submit run|resume|extend ...`, the namespace of the study command it carries)."""
     args = re.sub(r"\$(\w+)", lambda m: SHELL_VARS[m.group(1)], args)
-    argv = shlex.split(args, comments=True)
+    return _check_argv(shlex.split(args, comments=True))
+
+
+def _check_argv(argv: list[str]) -> object:
     parser = make_parser()
     sub = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
     if argv[0] not in sub.choices:
         raise ValueError(f"run_study.py has no command {argv[0]!r}")
     command = sub.choices[argv[0]]
-    unknown = [a.split("=")[0] for a in argv if a.startswith("--")
+    # A command that carries another (submit: argparse.REMAINDER) checks its own flags up to
+    # the carried command's name, then the carried command as a command of its own.
+    carried = any(a.nargs == argparse.REMAINDER for a in command._actions)
+    inner = next((i for i, a in enumerate(argv[1:], 1) if a in sub.choices), None) if carried else None
+    own = argv[:inner] if inner else argv
+    unknown = [a.split("=")[0] for a in own if a.startswith("--")
                and a.split("=")[0] not in command._option_string_actions]
     if unknown:
         raise ValueError(f"run_study.py {argv[0]} has no flag {', '.join(unknown)}")
-    return parser.parse_args(argv)
+    return _check_argv(argv[inner:]) if inner else parser.parse_args(argv)
 
 
 @pytest.mark.parametrize("text", [yaml_comments, lambda: DOC.read_text()], ids=["cluster.yaml", "docs"])
@@ -203,11 +228,13 @@ def test_the_study_commands_are_documented(text):
 @pytest.mark.parametrize("args", command_params())
 def test_every_launch_command_parses(args):
     ns = check_command(args)
+    submitted = args.split()[0] == "submit"  # submit adds --address auto itself
     if ns.command == "run":
         study = build_study(ns)  # the values pass TrialConfig / StudyConfig validation too
-        assert study.address == "auto"
+        assert study.address == "auto" or (submitted and not study.address)
         assert study.storage.startswith("s3://")  # shared by every node
         assert study.gpus_per_trial > 0
+        assert study.max_failures >= 1  # a trial on a lost node is retried
 
 
 def test_the_tracking_uri_reaches_the_head_from_the_workers(config):
@@ -218,6 +245,19 @@ def test_the_tracking_uri_reaches_the_head_from_the_workers(config):
         assert "localhost" not in uri and "127.0.0.1" not in uri  # trials log from the workers
         var = uri.lstrip("$")
         assert any(f"export {var}=" in c and ":5000" in c for c in config["head_setup_commands"])
+
+
+def test_the_bucket_policy_covers_the_study_storage():
+    """The worker role's policy in docs/cluster.md: valid JSON, the prefix of --storage."""
+    block = re.search(r"```json\n(.*?)```", DOC.read_text(), re.S)
+    assert block, "docs/cluster.md has no IAM policy"
+    policy = json.loads(block.group(1))
+    storages = {build_study(check_command(c)).storage for c in documented_commands() if c.startswith("run ")}
+    assert storages == {"s3://YOUR-BUCKET/ray"}
+    resources = {s["Resource"] for s in policy["Statement"]}
+    assert resources == {"arn:aws:s3:::YOUR-BUCKET", "arn:aws:s3:::YOUR-BUCKET/ray/*"}
+    actions = {a for s in policy["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+    assert "s3:PutObject" in actions and not any(a.endswith("*") for a in actions)  # no wildcards
 
 
 def test_a_misspelled_flag_fails_the_check():
