@@ -1,4 +1,4 @@
-"""Command-line flags for every TrialConfig field, and the config they build.
+"""Command-line flags for every TrialConfig and StudyConfig field, and the configs they build.
 
 Flags default to None so that only what a user typed overrides the config file, which in
 turn overrides the dataclass defaults.
@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from study.config import TrialConfig, load_config_file
+from study.config import METRICS, SCHEDULERS, StudyConfig, TrialConfig, load_config_file
+
+STUDY_CHOICES = {"metric": tuple(METRICS), "scheduler": SCHEDULERS}
 
 # Flags whose names differ from the field (the issue's spelling).
 FLAG_NAMES = {"images": "--image"}
@@ -55,3 +59,54 @@ def build_config(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> 
     d.update(base or {})
     d.update(config_overrides(ns))
     return TrialConfig.from_dict(d)
+
+
+# --- study flags, generated from StudyConfig like the trial flags above ---
+
+# Field -> flag where the spelling differs; `seed` seeds both Optuna and the trials.
+STUDY_FLAG_NAMES = {"space_file": "--space", "seed": "--seed"}
+STUDY_DESTS = {"seed": "study_seed"}
+# Not flags: the trial config has its own; name/root have defaults computed by the CLI.
+STUDY_SKIP = ("trial",)
+STUDY_DEFAULT_TEXT = {"name": "demo-TIMESTAMP", "root": "./studies, made absolute",
+                      "grace_period": "iterations/4", "tracking_uri": "sqlite:///ROOT/mlflow.db",
+                      "storage": "ROOT/NAME/ray", "address": "local Ray",
+                      "gpus_per_trial": "auto", "max_concurrent": "as many as fit",
+                      "checkpoint_every": "about 10 per trial", "space_file": "the default space"}
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The comment beside each field in the class source: the one description of a
+    setting, so help text cannot drift from it."""
+    src = inspect.getsource(cls)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.*)$", src, re.M)}
+
+
+def add_study_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per StudyConfig field; defaults in brackets come from the dataclass."""
+    hints, comments = get_type_hints(StudyConfig), _field_comments(StudyConfig)
+    g = p.add_argument_group("study settings (defaults in brackets)")
+    for f in dataclasses.fields(StudyConfig):
+        if f.name in STUDY_SKIP:
+            continue
+        flag = STUDY_FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        dest = STUDY_DESTS.get(f.name, f.name)
+        default = STUDY_DEFAULT_TEXT.get(f.name, f.default)
+        text = f"{comments.get(f.name, '')} [{default}]"
+        if f.name in STUDY_CHOICES:
+            text += " one of: " + ", ".join(STUDY_CHOICES[f.name])
+        if hints[f.name] is bool:
+            g.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=text)
+        else:
+            g.add_argument(flag, dest=dest, type=hints[f.name], default=None,
+                           metavar=hints[f.name].__name__.upper(), help=text.replace("%", "%%"))
+
+
+def study_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    """The study settings a user typed (the trial ones go through `build_config`)."""
+    out = {}
+    for f in dataclasses.fields(StudyConfig):
+        v = getattr(ns, STUDY_DESTS.get(f.name, f.name), None)
+        if f.name not in STUDY_SKIP and v is not None:
+            out[f.name] = v
+    return out

@@ -257,8 +257,11 @@ class StudyConfig:
     tracking_uri: str = ""             # MLflow tracking URI ("" : sqlite store under root)
     storage: str = ""                  # Ray storage for results/checkpoints ("" : under root; s3://... on a cloud)
     space_file: str = ""               # YAML/JSON search space ("" : the default space)
-    seed: int = 0                      # seeds the Optuna sampler
+    seed: int = 0                      # seeds the Optuna sampler (and, from the CLI, the trials)
     image_every: int = 100             # iterations between output images logged to MLflow
+    max_failures: int = 3              # retries of a trial whose node or worker died (from its checkpoint)
+    checkpoint_every: int = 0          # reports between checkpoints (0: about 10 per trial)
+    shared_storage: bool = False       # storage is a path every node mounts (NFS), not this node's disk
 
     def __post_init__(self) -> None:
         if isinstance(self.trial, dict):
@@ -280,6 +283,24 @@ class StudyConfig:
     @property
     def resolved_storage(self) -> str:
         return self.storage or str(self.study_dir / "ray")
+
+    @property
+    def ended_file(self) -> Path:
+        """Driver-side record of the trials that started and whose end the driver saw."""
+        return self.study_dir / "trials.json"
+
+    @property
+    def spool_dir(self) -> Path:
+        """MLflow records waiting for the server, on the driver's disk."""
+        return self.study_dir / "spool"
+
+    @property
+    def resolved_checkpoint_every(self) -> int:
+        """About 10 checkpoints per trial: a 512 px reference trial's checkpoint is ~27 MB
+        per image (weights and Adam's moments), too much to write at every report."""
+        if self.checkpoint_every:
+            return self.checkpoint_every
+        return max(1, round(self.trial.iterations / self.trial.report_every / 10))
 
     @property
     def resolved_grace_period(self) -> int:
@@ -316,8 +337,36 @@ def validate_study(s: StudyConfig) -> None:
         _number("gpus_per_trial", s.gpus_per_trial, float, 0, 64)
     _number("seed", s.seed, int, 0, 2**32 - 1)
     _number("image_every", s.image_every, int, 1, 10_000_000)
+    _number("max_failures", s.max_failures, int, 0, 1000)
+    _number("checkpoint_every", s.checkpoint_every, int, 0, 10_000_000)
+    if not isinstance(s.shared_storage, bool):
+        raise ValueError(f"shared_storage must be true or false, got {s.shared_storage!r}")
     if s.storage and "://" not in s.storage and not os.path.isabs(s.storage):
         raise ValueError(f"storage {s.storage!r} must be an absolute path or a URI such as s3://bucket/path")
+
+
+@dataclass(frozen=True)
+class FitSummary:
+    """How a study's trials ended, as the driver saw it (written to the parent run)."""
+
+    asked: int                # trials the study asks for
+    started: int              # trials Tune created
+    finished: int             # ended FINISHED: completed, or stopped early by the scheduler
+    failed: int               # ended FAILED: an error, or retries spent
+    experiment_path: str      # Ray Tune's experiment folder or URI
+    unended: tuple[str, ...] = ()  # ids of started trials that did not end (interrupted)
+
+    @property
+    def ended(self) -> int:
+        return self.finished + self.failed
+
+    @property
+    def complete(self) -> bool:
+        return self.ended >= self.asked
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "unended": list(self.unended), "ended": self.ended,
+                "complete": self.complete}
 
 
 # Short labels of searched fields in run names; the others show as `field=value`.

@@ -6,6 +6,8 @@ On disk, under ROOT (absolute):
     ROOT/artifacts/NAME/           MLflow artifacts of study NAME (local store)
     ROOT/NAME/study.json           the StudyConfig and the ids of its experiment and parent run
     ROOT/NAME/ray/tune/            Ray Tune's results, checkpoints and searcher (Optuna) state
+    ROOT/NAME/trials.json          which trials started and which the driver saw end
+    ROOT/NAME/spool/               MLflow records waiting for the server (empty when delivered)
     ROOT/NAME/best.json            the exported best configuration
 """
 from __future__ import annotations
@@ -19,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from study import export
-from study.config import DDPM_MODES, StudyConfig
+from study.config import DDPM_MODES, FitSummary, StudyConfig
 from study.images import preflight
+from study.jobs import sigterm_as_sigint
 from study.paths import check_writable, write_json
 
 STUDY_FILE = "study.json"
@@ -56,11 +59,24 @@ def preflight_study(s: StudyConfig) -> Any:
 
 
 def _context(s: StudyConfig, experiment_id: str, parent: str) -> Any:
-    from study.tune import StudyContext
+    """Starts the study's MLflow relay (on this node) and returns what every trial needs."""
+    from study import tune as st
 
-    return StudyContext(study=s.name, base=s.trial.to_dict(), tracking_uri=s.resolved_tracking_uri,
-                        experiment_id=experiment_id, parent_run_id=parent,
-                        image_every=s.image_every, threads=max(1, int(s.cpus_per_trial)))
+    st.start_relay(s.name, s.spool_dir, s.resolved_tracking_uri)
+    return st.StudyContext(study=s.name, base=s.trial.to_dict(), experiment_id=experiment_id,
+                           parent_run_id=parent, relay=st.relay_name(s.name), metric=s.metric,
+                           image_every=s.image_every, checkpoint_every=s.resolved_checkpoint_every,
+                           threads=max(1, int(s.cpus_per_trial)))
+
+
+def check_storage(s: StudyConfig, nodes: int) -> None:
+    """Every node writes its trials' checkpoints to the storage and a retry on another node
+    reads them: on several nodes it must be an object store or a path every node mounts."""
+    if nodes > 1 and "://" not in s.resolved_storage and not s.shared_storage:
+        raise ValueError(
+            f"the Ray cluster has {nodes} nodes but storage {s.resolved_storage!r} is a folder on this "
+            "node that the others cannot read; pass --storage s3://BUCKET/PREFIX (or gs://...), or "
+            "--shared-storage if every node mounts that path")
 
 
 def _tracker(s: StudyConfig) -> Any:
@@ -74,9 +90,11 @@ def run(s: StudyConfig) -> int:
     from study import tune as st
 
     space = preflight_study(s)
+    sigterm_as_sigint()  # a Ray job's `stop`, a pod's end: a clean stop, as Ctrl-C
     st.connect(s.address)
     try:
         gpus = st.gpus_per_trial(s)  # refuse an impossible request before writing anything
+        check_storage(s, st.alive_nodes())
         Path(s.root).mkdir(parents=True, exist_ok=True)
         tracker = _tracker(s)
         note = f"DIP study {s.name}: {s.num_samples} trials, metric {s.metric}"
@@ -94,14 +112,16 @@ def resume(root: str, name: str, address: str = "") -> int:
     from study import tune as st
 
     meta = read_study(root, name)
-    s = StudyConfig.from_dict(meta["study"])
+    s = current_stage(meta)
     if address:
         s = dataclasses.replace(s, address=address)
     _tracking().check_tracking_uri(s.resolved_tracking_uri)
+    sigterm_as_sigint()
     st.connect(s.address)
     try:
         if not st.can_restore(s):
             raise ValueError(f"study {name!r} has no Ray state to resume at {st.experiment_path(s)}")
+        check_storage(s, st.alive_nodes())
         tracker = _tracker(s)
         tracker.reopen(meta["parent_run_id"])
         tuner = st.restore_tuner(s, _context(s, meta["experiment_id"], meta["parent_run_id"]))
@@ -112,23 +132,48 @@ def resume(root: str, name: str, address: str = "") -> int:
 
 def _fit_and_finish(s: StudyConfig, tracker: Any, parent: str, tuner: Any, searched: list[str]) -> int:
     from study import tune as st
+    from study.tracking import end_record
 
-    summary = st.fit(tuner)
-    complete = summary["ended"] >= s.num_samples
+    summary = st.fit(tuner, s)
+    # Interrupted trials: their runs are KILLED until `resume` continues them.
+    st.send(s.name, [end_record("KILLED", "the study was interrupted; resume continues it",
+                                trial=t, if_open=True) for t in summary.unended])
+    if not _delivered(s):
+        return 130
     best = export.best_trial(tracker, s)
     if best is not None:
         export.write(best, s.study_dir / "best.json")
-    if not complete:
-        n = tracker.end_open_children("KILLED", "the study was interrupted; resume continues it")
-        tracker.finish_parent(parent, "KILLED", best, summary)
-        print(f"\nstudy {s.name!r} interrupted: {summary['ended']} of {s.num_samples} trials ended "
-              f"({n} runs marked KILLED). Continue it with:\n  "
+    status = "FINISHED" if summary.complete else "KILLED"
+    relay = st.drain(s.name, _say)
+    st.send(s.name, tracker.finish_records(parent, status, best, summary.to_dict(),
+                                           relay["dropped"] + relay["skipped"]))
+    if not _delivered(s):
+        return 130
+    if not summary.complete:
+        print(f"\nstudy {s.name!r} interrupted: {summary.ended} of {s.num_samples} trials ended "
+              f"({len(summary.unended)} runs marked KILLED). Continue it with:\n  "
               f"{_cmd('resume', s.name, '--root', s.root)}", flush=True)
         return 130
-    tracker.end_open_children("KILLED", "the trial did not end with the study")
-    tracker.finish_parent(parent, "FINISHED", best, summary)
     _print_done(s, best, summary, searched)
     return 0
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _delivered(s: StudyConfig) -> bool:
+    """Wait until MLflow has every record (however long the server is away); Ctrl-C leaves
+    the rest on disk for `resume` and says so."""
+    from study import tune as st
+
+    try:
+        st.drain(s.name, _say)
+        return True
+    except KeyboardInterrupt:
+        print(f"\nstudy {s.name!r}: records not yet delivered to MLflow stay in {s.spool_dir}; "
+              f"deliver them and continue with:\n  {_cmd('resume', s.name, '--root', s.root)}", flush=True)
+        return False
 
 
 def _cmd(*args: str) -> str:
@@ -139,9 +184,9 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _print_done(s: StudyConfig, best: dict[str, Any] | None, summary: dict[str, Any],
+def _print_done(s: StudyConfig, best: dict[str, Any] | None, summary: FitSummary,
                 searched: list[str]) -> None:
-    print(f"\nstudy {s.name!r} finished: {summary['terminated']} trials ended, {summary['errors']} failed")
+    print(f"\nstudy {s.name!r} finished: {summary.finished} trials finished, {summary.failed} failed")
     if best is None:
         print("no trial reported the metric; nothing to export")
         return
@@ -173,3 +218,59 @@ def ui_command(root: str, host: str, port: int) -> list[str]:
         raise ValueError(f"no MLflow store at {str(db)!r}; run a study with --root {root} first")
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
             "--host", host, "--port", str(port)]
+
+
+def current_stage(meta: dict[str, Any]) -> StudyConfig:
+    """The study's settings as its latest stage runs them: the first `run`, or the latest
+    `extend` (its own Tune experiment, the trial count of the whole study)."""
+    stages = meta.get("extensions") or []
+    return StudyConfig.from_dict(stages[-1]["study"] if stages else meta["study"])
+
+
+def extend(root: str, name: str, n: int, address: str = "") -> int:
+    """Add `n` trials to a study: the same MLflow experiment and parent run, the same Optuna
+    study (its sampler conditioned on every earlier trial), trial numbers going on, best.json
+    replaced when a new trial beats it. An interrupted study is resumed first."""
+    from study import tune as st
+    from study.space import OPTUNA_DB, SearchSpace
+
+    if n <= 0:
+        raise ValueError(f"--num-samples {n} is not a number of trials to add; allowed: 1 or more")
+    meta = read_study(root, name)
+    last = current_stage(meta)
+    view = _tracking().read_study_view(last.resolved_tracking_uri, name)
+    if view is None or view.status != "FINISHED":  # interrupted, or its driver was killed
+        print(f"study {name!r} did not finish: resuming it first", flush=True)
+        code = resume(root, name, address)
+        if code:
+            return code
+    if not (last.study_dir / OPTUNA_DB).is_file():
+        print(f"warning: study {name!r} has no Optuna record ({OPTUNA_DB}): the sampler starts without "
+              "the earlier trials", flush=True)
+    first = last.num_samples
+    k = len(meta.get("extensions") or []) + 1
+    base = StudyConfig.from_dict(meta["study"])
+    # Its own Tune experiment; a seed of its own, or Optuna's start-up phase would propose
+    # the first trials' values again.
+    s = dataclasses.replace(last, num_samples=first + n, storage=f"{base.resolved_storage.rstrip('/')}/extend-{k}",
+                            seed=(base.seed + first) % 2**32, address=address or last.address)
+    space = SearchSpace(meta["space"], s.trial)
+    _tracking().check_tracking_uri(s.resolved_tracking_uri)
+    sigterm_as_sigint()
+    st.connect(s.address)
+    try:
+        gpus = st.gpus_per_trial(s)
+        check_storage(s, st.alive_nodes())
+        tracker = _tracker(s)
+        parent = meta["parent_run_id"]
+        tracker.reopen(parent)
+        _tracking().set_run_tags(s.resolved_tracking_uri, parent, {"dip.asked": s.num_samples})
+        stage = {"study": s.to_dict(), "added": n, "first_trial": first,
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(s.study_dir / STUDY_FILE, {**meta, "extensions": [*(meta.get("extensions") or []), stage]})
+        print(f"study {name!r}: {n} more trials (trial_{first:04d} on), {s.num_samples} in all", flush=True)
+        tuner = st.build_tuner(dataclasses.replace(s, num_samples=n), space,
+                               _context(s, meta["experiment_id"], parent), gpus, first_trial=first)
+        return _fit_and_finish(s, tracker, parent, tuner, list(meta["space"]))
+    finally:
+        st.shutdown()

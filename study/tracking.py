@@ -6,20 +6,36 @@ the driver ends the run:
   completes or ASHA stops it, FAILED with the reason, KILLED when the study is interrupted);
 - a trial's worker finds its child run by the tag `dip.trial_id` (or creates it once),
   so a restored trial continues its own run and a resumed study never duplicates one.
+
+Writes after a study has started never call the server from the training loop or the
+driver's event loop: they become records (plain dicts, `*_record` below) that the study's
+relay stores in a durable spool (study/spool.py) and a `Courier` thread delivers in order,
+for as long as the server is away. Every trial record is keyed by trial id, so a trial
+retried on another node, or resumed, continues its own run; metric steps already delivered
+are not delivered again (see `Courier._high_water`).
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
+import os
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
+
+from study.spool import Record, Spool
 
 TRIAL_TAG = "dip.trial_id"
 STUDY_TAG = "dip.study"
@@ -27,6 +43,7 @@ ROLE_TAG = "dip.role"          # "study" for the parent, "trial" for children
 REASON_TAG = "dip.end_reason"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 MAX_PARAM_LEN = 6000           # MLflow's limit on a param value
+UNDELIVERED_TAG = "dip.undelivered"  # on the parent: records the spool had to drop
 
 
 def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
@@ -77,8 +94,61 @@ def _metrics(m: dict[str, float], step: int) -> list[Metric]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
+# --- records: what the driver and the trials send through the study's relay ---
+
+def _numeric(m: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _target(run_id: str | None, trial: str | None) -> Record:
+    return {"run_id": run_id} if run_id else {"trial": trial}
+
+
+def metrics_record(m: dict[str, float], step: int, *, run_id: str | None = None,
+                   trial: str | None = None) -> Record:
+    return {"op": "metrics", **_target(run_id, trial), "step": int(step),
+            "ts": int(time.time() * 1000), "values": _numeric(m)}
+
+
+def tags_record(tags: dict[str, Any], *, run_id: str | None = None, trial: str | None = None) -> Record:
+    return {"op": "tags", **_target(run_id, trial), "tags": {k: str(v) for k, v in tags.items()}}
+
+
+def dict_record(d: dict[str, Any], name: str, *, run_id: str | None = None,
+                trial: str | None = None) -> Record:
+    return {"op": "dict", **_target(run_id, trial), "name": name, "data": d}
+
+
+def end_record(status: str, reason: str, *, run_id: str | None = None, trial: str | None = None,
+               if_open: bool = False) -> Record:
+    """`if_open`: leave a run that already ended as it is (the driver's view of a trial)."""
+    return {"op": "end", **_target(run_id, trial), "status": status, "reason": reason[:5000],
+            "if_open": if_open}
+
+
+def image_record(key: str, hwc: Any, step: int, trial: str) -> Record:
+    """An image as PNG (with a step, so the UI's slider shows it over training). Images are
+    the first records a full spool drops."""
+    from PIL import Image
+
+    a = np.asarray(hwc, dtype=np.float32)
+    a = (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a).save(buf, format="PNG")
+    return {"op": "image", "trial": trial, "key": key, "step": int(step),
+            "ts": int(time.time() * 1000), "png": base64.b64encode(buf.getvalue()).decode(),
+            "droppable": True}
+
+
+def _order(r: Record) -> int:
+    """Within one report: a step's images before its metrics (the `iteration` metric marks
+    the step delivered), and a run's end last."""
+    return {"metrics": 1, "end": 2}.get(r["op"], 0)
+
+
 class StudyTracker:
-    """Driver side: the experiment, the parent run, and the end of every child run."""
+    """Driver side: the experiment and the parent run (written directly, at the start, when
+    the server was just checked), reads for the export, and records for everything after."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
         self.client = MlflowClient(tracking_uri=uri)
@@ -120,68 +190,363 @@ class StudyTracker:
         with tempfile.TemporaryDirectory() as d:
             return json.loads(Path(self.client.download_artifacts(run_id, name, d)).read_text())
 
-    def end_trial(self, trial_id: str, status: str, reason: str) -> None:
-        run = _find_trial_run(self.client, self.experiment_id, trial_id)
-        if run is not None and run.info.status not in TERMINAL:
-            _end(self.client, run.info.run_id, status, reason)
+    def open_children(self) -> list[str]:
+        """Trial ids of child runs still RUNNING (read once everything was delivered)."""
+        return [r.data.tags.get(TRIAL_TAG) for r in self.child_runs() if r.info.status not in TERMINAL]
 
-    def end_open_children(self, status: str, reason: str) -> int:
-        """End every child run still RUNNING (an interrupted study); returns how many."""
-        n = 0
-        for run in self.child_runs():
-            if run.info.status not in TERMINAL:
-                _end(self.client, run.info.run_id, status, reason)
-                n += 1
-        return n
-
-    def finish_parent(self, run_id: str, status: str, best: dict[str, Any] | None,
-                      summary: dict[str, Any]) -> None:
+    @staticmethod
+    def finish_records(run_id: str, status: str, best: dict[str, Any] | None,
+                       summary: dict[str, Any], undelivered: int) -> list[Record]:
+        """What ends the parent run: the best trial, the summary, what could not be delivered."""
+        out: list[Record] = []
         if best is not None:
-            self.client.log_dict(run_id, best, "best.json")
-            self.client.log_batch(run_id, metrics=_metrics(
-                {f"best_{k}": v for k, v in best["metrics"].items()}, 0))
-            for k, v in {"best_run_id": best["mlflow_run_id"], "best_trial_id": best["trial_id"]}.items():
-                self.client.set_tag(run_id, f"dip.{k}", v)
-        self.client.log_dict(run_id, summary, "summary.json")
-        self.client.set_terminated(run_id, status)
+            out += [dict_record(best, "best.json", run_id=run_id),
+                    metrics_record({f"best_{k}": v for k, v in best["metrics"].items()}, 0, run_id=run_id),
+                    tags_record({"dip.best_run_id": best["mlflow_run_id"],
+                                 "dip.best_trial_id": best["trial_id"]}, run_id=run_id)]
+        out += [dict_record(summary, "summary.json", run_id=run_id),
+                tags_record({UNDELIVERED_TAG: undelivered}, run_id=run_id)]
+        if undelivered:
+            out.append(tags_record({MLFLOW_RUN_NOTE: f"{undelivered} records (images first) could not "
+                                    "be kept while the MLflow server was away; see dip.undelivered"},
+                                   run_id=run_id))
+        return out + [end_record(status, "the study ended" if status == "FINISHED"
+                                 else "the study was interrupted; resume continues it", run_id=run_id)]
+
+
+def run_create_info(experiment_id: str, parent_run_id: str, study: str, trial_id: str,
+                    name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """What the courier needs to create a trial's run where none exists yet."""
+    return {"experiment_id": experiment_id, "name": name, "trial": trial_id,
+            "tags": {MLFLOW_PARENT_RUN_ID: parent_run_id, TRIAL_TAG: trial_id, STUDY_TAG: study,
+                     ROLE_TAG: "trial"},
+            "params": {p.key: p.value for p in _flat_params(config)}}
 
 
 class TrialLogger:
-    """Worker side: logs one trial's params, metrics and images into its child run."""
+    """Worker side: one trial's writes as records, handed to `sink` once per report (a
+    call that must not wait for the server: the study's relay stores them on disk)."""
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, study: str,
-                 trial_id: str, trial_name: str, config: dict[str, Any]):
-        self.client = MlflowClient(tracking_uri=uri)
-        found = _find_trial_run(self.client, experiment_id, trial_id)
-        # Steps already logged: a restored trial repeats the reports between its last
-        # checkpoint and the interruption, with the same values; they are not logged twice.
-        self.logged_until = 0
-        if found is not None:  # a restored trial continues its own run
-            self.run_id = found.info.run_id
-            self.logged_until = int(found.data.metrics.get("iteration", 0))
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
-            run = self.client.create_run(experiment_id, run_name=trial_name, tags={
-                MLFLOW_PARENT_RUN_ID: parent_run_id, TRIAL_TAG: trial_id, STUDY_TAG: study,
-                ROLE_TAG: "trial"})
-            self.run_id = run.info.run_id
-            self.client.log_batch(self.run_id, params=_flat_params(config))
+    def __init__(self, sink: Callable[[list[Record]], None], create: dict[str, Any]):
+        self.sink, self.trial = sink, create["trial"]
+        self._buf: list[Record] = [{"op": "run", "trial": self.trial, "create": create}]
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step > self.logged_until or step == 0:
-            self.client.log_batch(self.run_id, metrics=_metrics(metrics, step))
+        self._buf.append(metrics_record(metrics, step, trial=self.trial))
 
     def log_image(self, key: str, hwc: Any, step: int) -> None:
-        """An image with a step, so the MLflow UI's slider shows it over training."""
-        if step > self.logged_until or step == 0:
-            self.client.log_image(self.run_id, hwc, key=key, step=step)
+        self._buf.append(image_record(key, hwc, step, self.trial))
 
     def log_dict(self, d: dict[str, Any], name: str) -> None:
-        self.client.log_dict(self.run_id, d, name)
+        self._buf.append(dict_record(d, name, trial=self.trial))
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._buf.append(tags_record(tags, trial=self.trial))
 
     def end(self, status: str, reason: str) -> None:
-        _end(self.client, self.run_id, status, reason)
+        self._buf.append(end_record(status, reason, trial=self.trial))
 
+    def flush(self) -> None:
+        if self._buf:
+            batch, self._buf = sorted(self._buf, key=_order), []
+            self.sink(batch)
+
+
+# --- delivery ---
+
+# Answers that will not change by asking again: the record is skipped (and counted).
+PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+             "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED"}
+
+
+class Undeliverable(Exception):
+    """A record the server refuses for good (not an outage)."""
+
+
+def _is_outage(e: Exception) -> bool:
+    if isinstance(e, MlflowException):
+        return e.error_code not in PERMANENT
+    return isinstance(e, OSError) or type(e).__module__.startswith(("requests", "urllib3", "sqlalchemy"))
+
+
+class Courier:
+    """Delivers a spool's records to MLflow in order from a background thread, for as long
+    as the server is away: one warning line when it goes, one when it is back."""
+
+    def __init__(self, spool: Spool, uri: str, say: Callable[[str], None] = print,
+                 max_backoff: float = 15.0):
+        # One attempt per call: this thread does its own waiting, without a 4-minute stall
+        # inside MLflow's retries, and a partitioned server costs 20 s, not 120, per try.
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        self.spool, self.uri, self.say, self.max_backoff = spool, uri, say, max_backoff
+        self.client = MlflowClient(tracking_uri=uri)
+        self.skipped = 0                  # records the server refused for good
+        self.down_since: float | None = None
+        self._runs: dict[str, str] = {}   # trial id -> run id
+        self._hw: dict[str, int] = {}     # run id -> highest metric step delivered
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mlflow-courier", daemon=True)
+
+    def start(self) -> "Courier":
+        self._thread.start()
+        return self
+
+    def put(self, records: list[Record]) -> None:
+        self.spool.append(records)
+        self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        return {"pending_batches": len(self.spool), "pending_bytes": self.spool.size_bytes,
+                "dropped": self.spool.dropped, "skipped": self.skipped,
+                "down_since": self.down_since, "folder": str(self.spool.folder)}
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            batch = self.spool.head()
+            if not batch:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            done = self._deliver(batch)
+            if done:
+                self.spool.ack(done)
+            if done < len(batch):  # the server is away: wait, then try the same record again
+                self._stop.wait(backoff)
+                backoff = min(2 * backoff, self.max_backoff)
+            else:
+                backoff = 0.5
+
+    def _deliver(self, batch: list[Record]) -> int:
+        """Delivers records in order; returns how many are done (delivered or refused)."""
+        for i, rec in enumerate(batch):
+            try:
+                self._apply(rec)
+            except Undeliverable as e:
+                self._refused(rec, e)
+            except Exception as e:  # noqa: BLE001 - sorted into outage or refusal below
+                if not _is_outage(e):
+                    self._refused(rec, e)
+                    continue
+                if self.down_since is None:
+                    self.down_since = time.time()
+                    self.say(f"MLflow server {self.uri} is unreachable ({_short(e)}); training goes "
+                             f"on and its records wait on disk in {self.spool.folder}")
+                return i
+            if self.down_since is not None:
+                self.say(f"MLflow server {self.uri} is back after {time.time() - self.down_since:.0f} s; "
+                         f"delivering {len(self.spool)} waiting batches")
+                self.down_since = None
+        return len(batch)
+
+    def _refused(self, rec: Record, e: Exception) -> None:
+        self.skipped += 1
+        if self.skipped <= 5:
+            self.say(f"MLflow refused a {rec.get('op')} record for {rec.get('trial') or rec.get('run_id')}: "
+                     f"{_short(e)}")
+
+    # --- applying one record ---
+    def _run_id(self, rec: Record) -> str:
+        if rec.get("run_id"):
+            return rec["run_id"]
+        trial = rec["trial"]
+        if trial not in self._runs:
+            found = _find_trial_run(self.client, rec["create"]["experiment_id"], trial) \
+                if "create" in rec else self._search_any(trial)
+            if found is None:
+                if "create" not in rec:
+                    raise Undeliverable(f"no run for trial {trial}")
+                found = self._create(rec["create"])
+            self._runs[trial] = found.info.run_id
+            self._hw[found.info.run_id] = self._high_water(found.info.run_id)
+        return self._runs[trial]
+
+    def _search_any(self, trial: str) -> Any | None:
+        runs = self.client.search_runs(self._experiments(), f"tags.`{TRIAL_TAG}` = '{trial}'")
+        return runs[0] if runs else None
+
+    def _experiments(self) -> list[str]:
+        return [e.experiment_id for e in self.client.search_experiments()]
+
+    def _create(self, c: dict[str, Any]) -> Any:
+        run = self.client.create_run(c["experiment_id"], run_name=c["name"], tags=c["tags"])
+        params = [Param(k, v) for k, v in c["params"].items()]
+        for i in range(0, len(params), 100):  # MLflow's limit per batch
+            self.client.log_batch(run.info.run_id, params=params[i:i + 100])
+        return run
+
+    def _high_water(self, run_id: str) -> int:
+        """The highest step of `iteration` already in the run: a retried or resumed trial
+        re-runs the steps after its checkpoint, and those delivered before stay as they are."""
+        return max((m.step for m in self.client.get_metric_history(run_id, "iteration")), default=-1)
+
+    def _apply(self, rec: Record) -> None:
+        op, run_id = rec["op"], self._run_id(rec)
+        c = self.client
+        trial = rec.get("trial")
+        if op == "run":
+            c.update_run(run_id, status="RUNNING")  # a retried or resumed trial goes on in it
+        elif op in ("metrics", "image") and trial and rec["step"] <= self._hw[run_id]:
+            return  # a step this run already has
+        elif op == "metrics":
+            ms = [Metric(k, v, rec["ts"], rec["step"]) for k, v in rec["values"].items()]
+            for i in range(0, len(ms), 1000):
+                c.log_batch(run_id, metrics=ms[i:i + 1000])
+            if trial:
+                self._hw[run_id] = max(self._hw[run_id], rec["step"])
+        elif op == "image":
+            from PIL import Image
+
+            image = Image.open(io.BytesIO(base64.b64decode(rec["png"])))
+            c.log_image(run_id, image, key=rec["key"], step=rec["step"], timestamp=rec["ts"])
+        elif op == "tags":
+            c.log_batch(run_id, tags=[RunTag(k, v) for k, v in rec["tags"].items()])
+        elif op == "dict":
+            c.log_dict(run_id, rec["data"], rec["name"])
+        elif op == "end":
+            if rec["if_open"] and c.get_run(run_id).info.status in TERMINAL:
+                return
+            _end(c, run_id, rec["status"], rec["reason"])
+        else:
+            raise Undeliverable(f"unknown record op {op!r}")
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[-1] if text else type(e).__name__)[:200]
+
+
+# Read-only views of studies, for `status` and `list` (study/cli_jobs.py): from MLflow
+# alone, so they work from anywhere that reaches the tracking server.
+
+@dataclass(frozen=True)
+class TrialView:
+    run_id: str
+    name: str
+    status: str                    # RUNNING, FINISHED, FAILED or KILLED
+    completed: bool                # ran all its iterations
+    metrics: dict[str, float]      # latest value of each
+    params: dict[str, str]
+    start: float                   # seconds since the epoch
+    end: float                     # 0 while running
+
+
+@dataclass(frozen=True)
+class StudyView:
+    name: str
+    tracking_uri: str
+    parent_run_id: str
+    status: str                    # the parent run's
+    start: float
+    end: float
+    params: dict[str, str]         # the StudyConfig, flattened ("trial.iterations")
+    tags: dict[str, str]
+    trials: tuple[TrialView, ...]
+
+    @property
+    def asked(self) -> int:
+        """Trials the study asks for (`extend` raises it)."""
+        return int(self.tags.get("dip.asked") or self.params.get("num_samples") or 0)
+
+
+def _seconds(ms: int | None) -> float:
+    return (ms or 0) / 1000
+
+
+def _read_client(uri: str) -> MlflowClient:
+    check_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ValueError(f"no MLflow store at {uri!r}")
+    return MlflowClient(tracking_uri=uri)
+
+
+def _study_view(client: MlflowClient, uri: str, exp: Any) -> StudyView | None:
+    runs = client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'study'", max_results=1)
+    if not runs:
+        return None
+    p = runs[0]
+    trials = tuple(TrialView(
+        run_id=r.info.run_id, name=r.info.run_name or "", status=r.info.status,
+        completed=r.data.tags.get("dip.completed") == "true", metrics=dict(r.data.metrics),
+        params=dict(r.data.params), start=_seconds(r.info.start_time), end=_seconds(r.info.end_time),
+    ) for r in client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'", max_results=50000))
+    return StudyView(name=exp.name, tracking_uri=uri, parent_run_id=p.info.run_id, status=p.info.status,
+                     start=_seconds(p.info.start_time), end=_seconds(p.info.end_time),
+                     params=dict(p.data.params), tags=dict(p.data.tags), trials=trials)
+
+
+def read_study_view(uri: str, name: str) -> StudyView | None:
+    """Study `name` on the tracking store at `uri`, or None if it has no such study."""
+    client = _read_client(uri)
+    exp = client.get_experiment_by_name(name)
+    return _study_view(client, uri, exp) if exp is not None else None
+
+
+def study_views(uri: str) -> list[StudyView]:
+    """Every study on the tracking store at `uri`, oldest first."""
+    client = _read_client(uri)
+    views = [_study_view(client, uri, e) for e in client.search_experiments(max_results=50000)]
+    return sorted((v for v in views if v is not None), key=lambda v: v.start)
+
+
+def set_run_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    MlflowClient(tracking_uri=uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def load_run_dict(uri: str, run_id: str, name: str) -> dict[str, Any]:
+    """A JSON artifact of a run (e.g. the parent's search_space.json)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = MlflowClient(tracking_uri=uri).download_artifacts(run_id, name, d)
+        return json.loads(Path(path).read_text())
+
+
+# --- Read-only queries for the report (study/report.py), and logging its folder. ---
+# Self-contained (own imports, literal tag names) so the rest of this room can change.
+
+def study_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
+    """Every run of study `experiment` as plain data: ids, name, role, status, tags,
+    params (strings) and latest metrics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment {experiment!r} at {uri}")
+    return [{
+        "run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+        "role": r.data.tags.get("dip.role", ""), "tags": dict(r.data.tags),
+        "params": dict(r.data.params), "metrics": dict(r.data.metrics),
+    } for r in client.search_runs([exp.experiment_id], max_results=50000)]
+
+
+def run_image(uri: str, run_id: str, key: str) -> Any | None:
+    """The latest-step image logged under `key` with `log_image(key=..., step=...)`, as
+    an H x W x C uint8 array, or None if the run has none."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    client = MlflowClient(tracking_uri=uri)
+    prefix = key.replace("/", "~") + "+step+"  # MLflow's file naming for keyed images
+    found = [(int(f.path.split("+step+")[1].split("+")[0]), f.path)
+             for f in client.list_artifacts(run_id, "images")
+             if f.path.split("/", 1)[-1].startswith(prefix) and f.path.endswith(".png")]
+    if not found:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        with Image.open(client.download_artifacts(run_id, max(found)[1], d)) as im:
+            a = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def log_folder(uri: str, run_id: str, folder: str | Path, artifact_path: str) -> None:
+    """Log every file under `folder` to `run_id` under `artifact_path`."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=uri).log_artifacts(run_id, str(folder), artifact_path)

@@ -1,31 +1,40 @@
 """Everything Ray: the cluster connection, the trainable, the Tuner with OptunaSearch and an
-early-stopping scheduler, and the callback that ends each trial's MLflow run."""
+early-stopping scheduler, retries of trials whose node died, the relay that carries MLflow
+writes through server outages, and the callback that ends each trial's MLflow run."""
 from __future__ import annotations
 
+import importlib
+import json
 import logging
+import math
 import os
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import torch
 from ray import tune
+from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from study import images as img
-from study.config import StudyConfig, TrialConfig
+from study.config import FitSummary, StudyConfig, TrialConfig
 from study.jobs import job_working_dir
 from study.space import OPTUNA_DB, SearchSpace, make_sampler, make_storage
-from study.tracking import StudyTracker, TrialLogger
+from study.paths import write_json
+from study.tracking import TrialLogger, end_record, run_create_info, tags_record
 from study.trial import Trial, run_trial
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CKPT_FILE = "trial.pt"
+ERROR_KEY = "dip_error"  # in a trial's last result: why it failed (it is not retried)
 # Shipped to every worker as the job's working_dir (so a real cluster runs this code).
 RUNTIME_EXCLUDES = ["studies", "runs", "bench/results", "**/__pycache__",
                     ".pytest_cache", ".whl", "*.db"]
@@ -86,19 +95,121 @@ class StudyContext:
 
     study: str
     base: dict[str, Any]         # TrialConfig.to_dict() of the study's base config
-    tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    relay: str                   # name of the study's Relay actor (MLflow writes go through it)
+    metric: str                  # the study's objective (a failed trial reports it as NaN)
     image_every: int
+    checkpoint_every: int        # reports between checkpoints (resolved, >= 1)
     threads: int
 
+
+# --- MLflow delivery: one relay per study, on the driver's node ---
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class Relay:
+    """Owns the study's spool (on the driver's disk) and its Courier thread. Trials and the
+    driver hand it batches of records; a batch is on disk when `put` returns, and is
+    delivered to MLflow whenever the server is there. Restarted by Ray if it dies; the
+    spool it leaves is delivered by the next one (or by `resume`)."""
+
+    def __init__(self, folder: str, tracking_uri: str, max_bytes: int):
+        from study.spool import Spool
+        from study.tracking import Courier
+
+        self.courier = Courier(Spool(folder, max_bytes), tracking_uri).start()
+
+    def put(self, records: list[dict[str, Any]]) -> None:
+        self.courier.put(records)
+
+    def status(self) -> dict[str, Any]:
+        return self.courier.status()
+
+
+def relay_name(study: str) -> str:
+    return f"dip-relay-{study}"
+
+
+_RELAYS: dict[str, Any] = {}  # the driver holds its relay's handle: Ray ends an actor without one
+
+
+def start_relay(study: str, folder: Path, tracking_uri: str) -> None:
+    """The study's relay, pinned to this (the driver's) node: its spool is a local folder."""
+    here = ray.get_runtime_context().get_node_id()
+    max_bytes = int(float(os.environ.get("DIP_SPOOL_MAX_MB", "512")) * 2**20)
+    _RELAYS[study] = Relay.options(
+        name=relay_name(study), get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+    ).remote(str(folder), tracking_uri, max_bytes)
+
+
+class RelaySender:
+    """Hands batches to the relay without waiting on MLflow. `settle` waits (briefly: the
+    relay only writes to disk) for the relay to confirm, and returns what it has not: that
+    goes into the next checkpoint, so a lost node loses nothing a checkpoint covers."""
+
+    def __init__(self, name: str):
+        self.relay = ray.get_actor(name)
+        self.inflight: list[tuple[Any, list[dict[str, Any]]]] = []
+
+    def __call__(self, records: list[dict[str, Any]]) -> None:
+        self.inflight.append((self.relay.put.remote(records), records))
+
+    def settle(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+        if self.inflight:
+            ready, _ = ray.wait([r for r, _ in self.inflight], num_returns=len(self.inflight),
+                                timeout=timeout)
+            done = set(ready)
+            left = []
+            for ref, records in self.inflight:
+                if ref not in done:
+                    left.append((ref, records))
+                    continue
+                try:
+                    ray.get(ref)
+                except RayActorError:  # the relay restarted: hand the batch over again
+                    left.append((self.relay.put.remote(records), records))
+            self.inflight = left
+        return [r for _, records in self.inflight for r in records]
+
+    def wait_all(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.settle(max(0.0, deadline - time.monotonic())) and time.monotonic() < deadline:
+            pass
+
+
+def drain(study: str, say: Callable[[str], None], poll: float = 2.0) -> dict[str, Any]:
+    """Wait until the relay has delivered everything (the server may be away for long);
+    returns the relay's status. KeyboardInterrupt leaves the rest in the spool."""
+    relay = _RELAYS.get(study) or ray.get_actor(relay_name(study))
+    said = False
+    while True:
+        st = ray.get(relay.status.remote())
+        if st["pending_batches"] == 0:
+            return st
+        if not said and st["down_since"] is not None:
+            say(f"waiting for the MLflow server to take {st['pending_batches']} batches of records "
+                f"(Ctrl-C leaves them in {st['folder']} for `resume`)")
+            said = True
+        time.sleep(poll)
+
+
+def send(study: str, records: list[dict[str, Any]]) -> None:
+    """Driver side: hand records to the relay and wait until they are on disk."""
+    if records:
+        ray.get((_RELAYS.get(study) or ray.get_actor(relay_name(study))).put.remote(records))
+
+
+# --- the trainable ---
 
 def _load_state() -> dict[str, Any] | None:
     ckpt = tune.get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        return torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is tensors, numbers and strings; whoever can write the
+        # storage must not be able to run code on the workers by unpickling.
+        return torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=True)
 
 
 def _log_images(log: TrialLogger, trial: Trial, step: int, final: bool) -> None:
@@ -106,68 +217,166 @@ def _log_images(log: TrialLogger, trial: Trial, step: int, final: bool) -> None:
         log.log_image(name, img.to_hwc(image), at)
 
 
+def _test_hook() -> Callable[[str, Trial], None]:
+    """Faults for the study tests, injected from the test side: DIP_TEST_HOOK=module:function
+    is called at each report ("report"; "reported" once its records are with the relay) and
+    when training ends ("end"). Unset in use."""
+    spec = os.environ.get("DIP_TEST_HOOK", "")
+    if not spec:
+        return lambda event, trial: None
+    module, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _checkpoint_due(cfg: TrialConfig, iteration: int, every: int) -> bool:
+    return iteration >= cfg.iterations or (iteration // cfg.report_every) % every == 0
+
+
+def _save(trial: Trial, undelivered: list[dict[str, Any]], d: str) -> tune.Checkpoint:
+    torch.save({**trial.state_dict(), "undelivered": undelivered}, Path(d) / CKPT_FILE)
+    return tune.Checkpoint.from_directory(d)
+
+
 def dip_trainable(config: dict[str, Any], ctx: StudyContext) -> None:
     cfg = TrialConfig.from_dict({**ctx.base, **config})
     torch.set_num_threads(ctx.threads)
     # One "Checkpoint successfully created" line per report drowns the progress table.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    tctx = tune.get_context()
-    log = TrialLogger(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.study,
-                      tctx.get_trial_id(), tctx.get_trial_name(), cfg.to_dict())
-    trial, state = Trial(cfg), _load_state()
+    tctx, sender = tune.get_context(), RelaySender(ctx.relay)
+    log = TrialLogger(sender, run_create_info(ctx.experiment_id, ctx.parent_run_id, ctx.study,
+                                              tctx.get_trial_id(), tctx.get_trial_name(), cfg.to_dict()))
+    last: dict[str, float] = {}
+    try:
+        _train(cfg, ctx, log, sender, last)
+    except Exception as e:
+        _fail(log, sender, ctx, last, f"{type(e).__name__}: {e}")
+        raise
+    sender.wait_all()
+
+
+def _train(cfg: TrialConfig, ctx: StudyContext, log: TrialLogger, sender: RelaySender,
+           last: dict[str, float]) -> None:
+    hook, trial, state = _test_hook(), Trial(cfg), _load_state()
+    if state is not None and state.get("undelivered"):
+        sender(state.pop("undelivered"))  # what the lost attempt had not handed over
     log.set_tags({"dip.node_id": ray.get_runtime_context().get_node_id(),
                   "dip.device": str(trial.device), "dip.resumed_from": state["iteration"] if state else 0})
     if state is None:
         log.log_dict(cfg.to_dict(), "config.json")
-        log.log_metrics(trial.observation_metrics(), 0)
+        log.log_metrics({**trial.observation_metrics(), "iteration": 0}, 0)
         _log_images(log, trial, 0, final=False)
+    log.flush()
 
     def report(m: dict[str, float], t: Trial) -> None:
+        last.update(m)
+        hook("report", t)
         log.log_metrics(m, t.iteration)
-        last = t.iteration == cfg.iterations
+        final = t.iteration == cfg.iterations
         first = t.iteration <= cfg.report_every  # so even a trial stopped at once shows one
-        if first or last or t.iteration % ctx.image_every < cfg.report_every:
-            _log_images(log, t, t.iteration, final=last)
-        if last:  # before tune.report: a scheduler may stop the trial at max_t right after it
+        if first or final or t.iteration % ctx.image_every < cfg.report_every:
+            _log_images(log, t, t.iteration, final=final)
+        if final:  # before tune.report: a scheduler may stop the trial at max_t right after it
             log.log_dict(t.result(m), "result.json")
             log.set_tags({"dip.completed": "true"})
+        log.flush()
+        undelivered = sender.settle()
+        hook("reported", t)
+        if not _checkpoint_due(cfg, t.iteration, ctx.checkpoint_every):
+            tune.report(m)
+            return
         with tempfile.TemporaryDirectory() as d:
-            torch.save(t.state_dict(), Path(d) / CKPT_FILE)
-            tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report(m, checkpoint=_save(t, undelivered, d))
 
-    try:
-        run_trial(cfg, report, state=state, trial=trial)
-    except Exception as e:  # the run records why; Tune marks the trial ERROR and goes on
-        log.end("FAILED", f"{type(e).__name__}: {e}")
-        raise
-    log.end("FINISHED", "completed")
+    run_trial(cfg, report, state=state, trial=trial)
+    hook("end", trial)
+
+
+def _fail(log: TrialLogger, sender: RelaySender, ctx: StudyContext, last: dict[str, float],
+          reason: str) -> None:
+    """A trial that raises (a bug, a diverged loss) would fail again on any node: it is not
+    retried. Its run records why; the result below makes `StopOnError` end the trial."""
+    log.end("FAILED", reason)
+    log.flush()
+    sender.wait_all()
+    tune.report({ctx.metric: math.nan, "iteration": last.get("iteration", 0.0), ERROR_KEY: reason})
+
+
+class StopOnError(tune.Stopper):
+    """Ends a trial that reported an error (see `_fail`) as a stopped trial, so Tune does not
+    retry it as it retries a trial whose node or worker died."""
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return bool(result.get(ERROR_KEY))
+
+    def stop_all(self) -> bool:
+        return False
 
 
 class EndRunsCallback(tune.Callback):
-    """Driver side: ends each trial's run as Tune ends the trial. Holds only strings, so it
-    pickles into the experiment state and works again after Tuner.restore."""
+    """Driver side: ends each trial's run as Tune ends the trial, tags retries, and keeps
+    which trials started and which ended in a file, so the service knows exactly whether a study finished.
+    Holds only plain data: it pickles into the experiment state and works after restore."""
 
-    def __init__(self, tracking_uri: str, experiment: str, iterations: int, scheduler: str):
-        self.tracking_uri, self.experiment = tracking_uri, experiment
-        self.iterations, self.scheduler = iterations, scheduler
-        self._tracker: StudyTracker | None = None
+    def __init__(self, study: str, iterations: int, scheduler: str, ended_file: str,
+                 experiment_id: str, parent_run_id: str):
+        self.study, self.iterations, self.scheduler = study, iterations, scheduler
+        self.ended_file = ended_file
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+        self.retried_from: dict[str, list[int]] = {}
 
-    def _t(self) -> StudyTracker:
-        if self._tracker is None:
-            self._tracker = StudyTracker(self.tracking_uri, self.experiment)
-        return self._tracker
+    def _send(self, trial: Any, records: list[dict[str, Any]]) -> None:
+        """A trial that failed before its first record still gets its run (and the reason)."""
+        create = run_create_info(self.experiment_id, self.parent_run_id, self.study, trial.trial_id,
+                                 str(trial), trial.config)
+        records = [{**r, "create": create} for r in records]
+        try:
+            send(self.study, records)
+        except Exception as e:  # noqa: BLE001 - a callback that raises ends the whole study
+            print(f"could not hand {len(records)} MLflow records to the relay: {e}", flush=True)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tracker": None}
+    def _mark(self, trial: Any, status: str) -> None:
+        seen = read_trials(self.ended_file)
+        seen[trial.trial_id] = status
+        write_json(Path(self.ended_file), seen)
+
+    def _ended(self, trial: Any, status: str, reason: str) -> None:
+        self._send(trial, [end_record(status, reason, trial=trial.trial_id, if_open=True)])
+        self._mark(trial, status)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._mark(trial, "RUNNING")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        ckpt = trial.latest_checkpoint_result
+        at = int(ckpt.metrics.get("iteration", 0)) if ckpt is not None else 0
+        self.retried_from.setdefault(trial.trial_id, []).append(at)
+        n = len(self.retried_from[trial.trial_id])
+        print(f"trial {trial.trial_id} lost its worker ({_error_text(trial)}); retry {n} "
+              f"from iteration {at}", flush=True)
+        self._send(trial, [tags_record({"dip.retries": n, "dip.retried_from": ",".join(
+            map(str, self.retried_from[trial.trial_id]))}, trial=trial.trial_id)])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = trial.last_result.get(ERROR_KEY)
+        if error:
+            self._ended(trial, "FAILED", str(error))
+            return
         it = int(trial.last_result.get("iteration", 0))
-        reason = ("completed" if it >= self.iterations
-                  else f"stopped early by {self.scheduler} at iteration {it}")
-        self._t().end_trial(trial.trial_id, "FINISHED", reason)
+        self._ended(trial, "FINISHED", "completed" if it >= self.iterations
+                    else f"stopped early by {self.scheduler} at iteration {it}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._t().end_trial(trial.trial_id, "FAILED", _error_text(trial))
+        n = len(self.retried_from.get(trial.trial_id, []))
+        after = f" (after {n} retries)" if n else ""
+        self._ended(trial, "FAILED", _error_text(trial) + after)
+
+
+def read_trials(path: str) -> dict[str, str]:
+    """Trial id -> RUNNING (started), FINISHED or FAILED (the driver saw it end)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _error_text(trial: Any) -> str:
@@ -220,9 +429,12 @@ def build_tuner(s: StudyConfig, space: SearchSpace, ctx: StudyContext, gpus: flo
                                     trial_name_creator=TrialName(first_trial)),
         run_config=tune.RunConfig(
             name="tune", storage_path=s.resolved_storage,
-            callbacks=[EndRunsCallback(ctx.tracking_uri, s.name, s.trial.iterations, s.scheduler)],
+            callbacks=[EndRunsCallback(s.name, s.trial.iterations, s.scheduler, str(s.ended_file),
+                                       ctx.experiment_id, ctx.parent_run_id)],
+            stop=StopOnError(),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            failure_config=tune.FailureConfig(max_failures=0),
+            # A trial whose worker or node dies goes on from its last checkpoint on a live node.
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
             verbose=1,  # the status table with the metric; per-result dumps are in MLflow
         ),
     )
@@ -243,13 +455,21 @@ def restore_tuner(s: StudyConfig, ctx: StudyContext) -> tune.Tuner:
                               resume_unfinished=True, resume_errored=False)
 
 
-def fit(tuner: tune.Tuner) -> dict[str, Any]:
-    """Run the study; returns a summary. On SIGINT Tune returns normally with partial
-    results: `complete` says whether every asked-for trial ended."""
+def fit(tuner: tune.Tuner, s: StudyConfig) -> FitSummary:
+    """Run the study. On SIGINT Tune returns normally and marks the trials it interrupted
+    TERMINATED, like finished ones, so a trial counts as ended only when the callback saw
+    it end (`read_trials`): the study is complete when every asked-for trial did."""
     grid = tuner.fit()
-    ended = grid.num_terminated + grid.num_errors
-    return {"trials": len(grid), "terminated": grid.num_terminated, "errors": grid.num_errors,
-            "ended": ended, "experiment_path": grid.experiment_path}
+    seen = read_trials(str(s.ended_file))
+    return FitSummary(asked=s.num_samples, started=len(grid),
+                      finished=sum(v == "FINISHED" for v in seen.values()),
+                      failed=sum(v == "FAILED" for v in seen.values()),
+                      experiment_path=grid.experiment_path,
+                      unended=tuple(t for t, v in seen.items() if v == "RUNNING"))
+
+
+def alive_nodes() -> int:
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
 def shutdown() -> None:

@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from faults import HOOK
 from studyutil import ROOT, TINY, best_child, check_study, cli, client, env, free_port, read_json
 
 pytestmark = pytest.mark.slow
@@ -25,11 +26,11 @@ def study(tmp_path_factory):
     space.write_text("noise_mode: [uniform, ddpm, ddpm_resample]\n"
                      "timestep: {low: 10, high: 200}\n"
                      "lr: {low: 0.001, high: 0.05, log: true}\n")
-    # Trials with lr >= 0.02 diverge (NaN loss) at iteration 5: they must end FAILED
-    # with the reason, and the study must go on.
+    # Trials with lr >= 0.02 diverge (NaN loss, injected by tests/faults.py) at their first
+    # report: they must end FAILED with the reason, not be retried, and the study goes on.
     p = cli("run", "--name", "e2e", "--root", str(root), "--num-samples", "6", "--space",
             str(space), "--max-concurrent", "2", "--seed", "3", *TINY, "--image", *IMAGES,
-            DIP_FAULT_NAN_AT="5:0.02")
+            DIP_FAULT_NAN_AT="5:0.02", **HOOK)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return root, p
 
@@ -41,6 +42,7 @@ def test_study_records_parent_children_metrics_images(study):
     assert failed, "the lr >= 0.02 trials should have failed"
     assert all(float(r.data.params["lr"]) >= 0.02 for r in failed)
     assert all("nan" in r.data.tags["dip.end_reason"].lower() for r in failed)
+    assert all("dip.retries" not in r.data.tags for r in failed), "a diverged trial was retried"
     assert any(r.data.tags.get("dip.completed") == "true" for r in children)
     assert json.loads(parent.data.params["trial.images"]) == list(IMAGES)
 

@@ -10,12 +10,13 @@ import time
 
 import pytest
 
+from faults import HOOK
 from studyutil import ROOT, check_study, cli, client, env
 
 pytestmark = pytest.mark.slow
-FLAGS = ["--size", "32", "--scales", "2", "--channels", "8", "--iterations", "200",
+FLAGS = ["--size", "32", "--scales", "2", "--channels", "8", "--iterations", "80",
          "--report-every", "10", "--image-every", "50", "--scheduler", "fifo",
-         "--max-concurrent", "1", "--num-samples", "3"]
+         "--max-concurrent", "1", "--num-samples", "3", "--checkpoint-every", "1"]
 
 
 def _wait_for_progress(uri: str, name: str, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -31,44 +32,63 @@ def _wait_for_progress(uri: str, name: str, proc: subprocess.Popen, timeout: flo
         except Exception:  # the store may not exist yet
             runs = []
         done = [r for r in runs if r.info.status == "FINISHED"]
-        running = [r for r in runs if r.info.status == "RUNNING" and r.data.metrics.get("iteration", 0) >= 50]
+        running = [r for r in runs if r.info.status == "RUNNING" and r.data.metrics.get("iteration", 0) >= 30]
         if done and running:
             return
         time.sleep(1)
     raise AssertionError("the study made no progress in time")
 
 
-def test_sigint_then_resume(tmp_path):
+def _wait_for_file(path, proc: subprocess.Popen, timeout: float = 240) -> str:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < deadline, f"{path} did not appear in time"
+        time.sleep(0.5)
+    time.sleep(1)  # the paused trial's last report reaches the driver
+    return path.read_text()
+
+
+# Where Ctrl-C lands, made deterministic by pausing one trial there (tests/faults.py): in the
+# first trial's middle; after a trial's last report but before it returned (the moment a
+# finished-looking trial is not finished); in the second trial, after the first ended.
+MOMENTS = ["report:40#1", "end#1", "report:20#2"]
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_sigint_then_resume(tmp_path, moment):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    faults = tmp_path / "faults"
+    faults.mkdir()
     # A terminal's Ctrl-C reaches the whole foreground process group: do the same.
     proc = subprocess.Popen([sys.executable, "run_study.py", "run", "--name", "ri", "--root",
-                             str(tmp_path), *FLAGS], cwd=ROOT, env=env(), text=True,
+                             str(tmp_path), *FLAGS], cwd=ROOT, text=True,
+                            env=env(**HOOK, DIP_FAULT_PAUSE=moment, DIP_FAULT_DIR=str(faults)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_for_progress(uri, "ri", proc)
+    paused_trial = _wait_for_file(faults / "paused", proc).split()[0]
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, out[-3000:]
-    assert "resume ri" in out
+    assert "resume ri" in out and "finished" not in out.split("interrupted")[-1]
 
     c = client(uri)
     exp = c.get_experiment_by_name("ri")
     runs = c.search_runs([exp.experiment_id])
     assert all(r.info.status in ("FINISHED", "FAILED", "KILLED") for r in runs), "a run stayed RUNNING"
-    killed = {r.data.tags["dip.trial_id"]: r for r in runs
-              if r.data.tags.get("dip.role") == "trial" and r.info.status == "KILLED"}
-    assert killed, "the interrupted trial should be KILLED until resumed"
-    before = {r.data.tags["dip.trial_id"]: r.info.run_id for r in runs if r.data.tags.get("dip.role") == "trial"}
+    trials = {r.data.tags["dip.trial_id"]: r for r in runs if r.data.tags.get("dip.role") == "trial"}
+    assert trials[paused_trial].info.status == "KILLED", "the interrupted trial must wait for resume"
+    parent = next(r for r in runs if r.data.tags.get("dip.role") == "study")
+    assert parent.info.status == "KILLED"
 
     r = cli("resume", "ri", "--root", str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    parent, children = check_study(uri, "ri", n=3, iterations=200)
+    parent, children = check_study(uri, "ri", n=3, iterations=80)
     after = {x.data.tags["dip.trial_id"]: x for x in children}
-    for tid, run_id in before.items():  # each trial kept its own run
-        assert after[tid].info.run_id == run_id
-    for tid in killed:  # continued from its checkpoint, not from scratch
-        assert int(after[tid].data.tags["dip.resumed_from"]) >= 50
-        assert after[tid].info.status == "FINISHED"
-        assert after[tid].data.tags.get("dip.completed") == "true"
+    for tid, run in trials.items():  # each trial kept its own run
+        assert after[tid].info.run_id == run.info.run_id
+    resumed = after[paused_trial]  # continued from its checkpoint, not from scratch
+    assert int(resumed.data.tags["dip.resumed_from"]) >= 20
+    assert resumed.info.status == "FINISHED" and resumed.data.tags.get("dip.completed") == "true"
     assert (tmp_path / "ri" / "best.json").is_file()
 
 
@@ -91,5 +111,5 @@ def test_killed_driver_then_resume(tmp_path):
     time.sleep(2)
     r = cli("resume", "rk", "--root", str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    parent, children = check_study(uri, "rk", n=3, iterations=200)
+    parent, children = check_study(uri, "rk", n=3, iterations=80)
     assert all(c.data.tags.get("dip.completed") == "true" for c in children)
