@@ -190,3 +190,49 @@ def test_the_step_reads_nothing_back_from_the_device(monkeypatch):
         trial.step()
     monkeypatch.undo()
     assert trial.evaluate()["iteration"] == 3
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_session.sh runs these)")
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["uniform", "ddpm_resample", "ddpm_random_t"])
+def test_gpu_auto_step_matches_fp32_eager(mode):
+    # auto on CUDA: CUDA graph (captured after 3 eager steps), fused Adam, channels-last,
+    # cat reflection; 8 steps, so 5 are graph replays.
+    cfg = tiny(noise_mode=mode, device="cuda", iterations=8, report_every=4)
+    a, b = per_report(Trial(cfg, options=StepOptions())), per_report(Trial(cfg))
+    for x, y in zip(a[-1], b[-1], strict=True):
+        assert x["psnr_ema"] == pytest.approx(y["psnr_ema"], abs=0.05)
+        assert x["loss"] == pytest.approx(y["loss"], rel=0.05)
+
+
+@cuda
+def test_gpu_step_never_waits_for_the_device():
+    trial = Trial(tiny(noise_mode="ddpm_random_t", task="sr", device="cuda"))
+    for _ in range(5):  # eager warm-up, then capture
+        trial.step()
+    assert trial.stepper.graph is not None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trial.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert trial.evaluate()["iteration"] == 8
+
+
+@cuda
+def test_gpu_checkpoint_resumes_a_graphed_pack():
+    cfg = tiny(device="cuda", noise_mode="ddpm_random_t", iterations=12, report_every=6)
+    saved = io.BytesIO()
+
+    def checkpoint(metrics, trial):
+        if trial.iteration == 6:
+            torch.save(trial.state_dict(), saved)
+
+    straight = run_trial(cfg, checkpoint)
+    saved.seek(0)
+    resumed = run_trial(cfg, lambda m, t: None, state=torch.load(saved, weights_only=True))
+    for x, y in zip(straight["networks"], resumed["networks"], strict=True):
+        assert x["metrics"]["psnr_ema"] == pytest.approx(y["metrics"]["psnr_ema"], abs=0.05)

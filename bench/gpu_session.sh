@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One prepared GPU session for issue 7 (about 7 minutes on one H100/H200): throughput of the
+# notebook loop and the packed project loop at 256 and 512 px (every step variant, K = 1..16),
+# a psnr_ema trajectory check of the fastest variant against fp32 eager, and a short study
+# with fractional GPUs. Each stage has its own time limit, and everything is written as it
+# goes to bench/results/gpu_session_<device>_<stamp>/ (and copied to $OUT when set, as the
+# device runner returns $OUT), with the command and the device at the top of each file.
+#
+#   bash bench/gpu_session.sh                  # from the repository root, on a GPU machine
+#
+# Then put the tables in README "Performance" and, if the measurements say so, change
+# models/step.py StepOptions.auto (bf16) and study/tune.py DEFAULT_GPU_SHARE.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+DEV=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-') if torch.cuda.is_available() else 'no-cuda')")
+if [ "$DEV" = "no-cuda" ]; then echo "error: no CUDA device here; this script measures a GPU" >&2; exit 2; fi
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+RES=bench/results/gpu_session_${DEV}_${STAMP}
+mkdir -p "$RES"
+export OMP_NUM_THREADS=4 RAY_USAGE_STATS_ENABLED=0 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  { echo "# command: $*"; echo "# device: $DEV; $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null)"
+    echo "# started: $(date -u +%FT%TZ), limit ${limit}s"; } > "$RES/$name.txt"
+  timeout "$limit" "$@" >> "$RES/$name.txt" 2>&1
+  echo "# exit: $? at $(date -u +%FT%TZ)" >> "$RES/$name.txt"
+  tail -n 4 "$RES/$name.txt"
+  if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/$RES" && cp "$RES/$name.txt" "$OUT/$RES/"; fi
+}
+
+nvidia-smi > "$RES/nvidia-smi.txt" 2>&1
+# Correctness first: the CUDA tests of tests/test_packed.py (auto step options = fp32 eager,
+# no device sync in a graphed step, resume of a graphed pack) and the CPU ones beside them.
+stage tests 120 "$PY" -m pytest tests/test_packed.py tests/test_trial.py -q -x
+stage throughput_256 150 "$PY" bench/throughput.py --device cuda --size 256 --net reference --steps 30 --check-iterations 1000
+stage throughput_512 150 "$PY" bench/throughput.py --device cuda --size 512 --net reference --steps 20 --ks 1 2 4 8 16
+# A short study: 8 trials of 300 iterations at 256 px, 2 repeats each, 2 trials per GPU.
+stage study 150 "$PY" run_study.py run --name gpu-short --root "$PWD/$RES/studies" --num-samples 8 \
+  --gpus-per-trial 0.5 --cpus-per-trial 2 --size 256 --iterations 300 --report-every 50 --repeats 2 \
+  --scheduler fifo --noise-mode ddpm_resample
+rm -rf "$RES/studies/gpu-short/ray"  # checkpoints: not results
+echo "results in $RES"
