@@ -21,6 +21,7 @@ networks every N/10 steps, fp32 eager against the fastest variant.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import sys
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = shlex.join(["python", "bench/throughput.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"# {cmd}\n# device: {device_name(device)}; torch {torch.__version__}; "
           f"camera {ns.size}px gray, skip {ns.net} {NETS[ns.net]}, {ns.steps} timed steps "
-          f"after {ns.warmup}", flush=True)
+          f"after {ns.warmup}; load average {os.getloadavg()[0]:.1f}", flush=True)
     reset_memory(device)
     ref = reference_loop(ns, device)
     print(f"loop=reference variant=notebook K=1 size={ns.size} net_it_per_s={ref:.2f} "

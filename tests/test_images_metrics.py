@@ -8,7 +8,7 @@ from skimage.metrics import structural_similarity
 
 from study import images as img
 from study.config import BUNDLED_IMAGES, TrialConfig
-from study.metrics import psnr, psnr_skimage, ssim
+from study.metrics import psnr, psnr_batch, psnr_skimage, ssim
 
 RGB_IMAGES = {"astronaut", "chelsea", "coffee", "colorwheel", "hubble_deep_field",
               "immunohistochemistry", "logo", "retina", "rocket"}
@@ -187,6 +187,17 @@ def test_psnr_matches_skimage(name):
     for seed in range(3):
         x = (clean + 0.1 * torch.randn(clean.shape, generator=gen(seed))).clamp(0, 1)
         assert psnr(x, clean) == pytest.approx(psnr_skimage(x, clean), abs=1e-9)
+
+
+def test_psnr_batch_is_each_images_psnr():
+    clean = img.load_image("astronaut", 32).repeat(3, 1, 1, 1)
+    x = (clean + 0.1 * torch.randn(clean.shape, generator=gen(0))).clamp(0, 1)
+    batch = psnr_batch(x, clean)
+    assert batch.dtype == torch.float64 and batch.shape == (3,)
+    for k in range(3):
+        assert batch[k].item() == pytest.approx(psnr_skimage(x[k:k + 1], clean[k:k + 1]), abs=1e-9)
+    with pytest.raises(ValueError, match="one shape"):
+        psnr_batch(x, clean[:2])
 
 
 def test_identical_images():
