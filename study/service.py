@@ -274,3 +274,18 @@ def extend(root: str, name: str, n: int, address: str = "") -> int:
         return _fit_and_finish(s, tracker, parent, tuner, list(meta["space"]))
     finally:
         st.shutdown()
+
+
+def write_report(root: str, name: str) -> Path | None:
+    """The study's report (ROOT/NAME/report/report.md, study/report.py), also logged to its
+    parent run under `report/`; for the end of every study. A report that cannot be made
+    does not fail the study: it says why and how to retry."""
+    from study import report
+
+    try:
+        path = report.make_report(root, name)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"no report ({e}); retry with: {_cmd('report', name, '--root', root)}", flush=True)
+        return None
+    print(f"report: {path}", flush=True)
+    return path

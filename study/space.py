@@ -165,3 +165,15 @@ def make_storage(path: Path) -> optuna.storages.RDBStorage:
     on them, the report reads them, `optuna-dashboard sqlite:///PATH` opens them."""
     # A reader (the report, optuna-dashboard) may hold the file for a moment: wait for it.
     return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 30}})
+
+
+def load_optuna_study(study_dir: str | Path, name: str) -> optuna.Study | None:
+    """The study's Optuna record (ROOT/NAME/optuna.db, study `name`) for the report, or
+    None if it has none (a study run before the record existed)."""
+    path = Path(study_dir) / OPTUNA_DB
+    if not path.is_file():
+        return None
+    try:
+        return optuna.load_study(study_name=name, storage=make_storage(path))
+    except KeyError:  # the file exists but holds no study of that name
+        return None

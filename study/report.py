@@ -1,0 +1,449 @@
+"""The study report: what a study found, readable by someone who did not run it.
+
+`make_report(root, name)` writes ROOT/NAME/report/report.md with PNG figures: per input
+mode and per image (with the image's mean brightness), the metric against timestep and
+learning rate, a classical baseline on the same observations (BM3D for denoising,
+bicubic for super-resolution), the oracle `psnr_best` labelled as such, the best
+configuration's output next to the observation and the clean image, and Optuna's own
+plots. It reads the trials through the tracking room (study/tracking.py) and Optuna's
+record through the space room (study/space.py); it never imports mlflow.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from study import images as img  # noqa: E402
+from study.config import DDPM_MODES, NOISE_MODES, StudyConfig, TrialConfig  # noqa: E402
+from study.metrics import psnr, ssim  # noqa: E402
+
+HONEST = "psnr_ema"   # the honest final number of a trial (no clean image involved in choosing it)
+ORACLE = "psnr_best"  # the best EMA PSNR over iterations: it looks at the clean image
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial as the report needs it (from its MLflow child run)."""
+
+    name: str
+    run_id: str
+    state: str                 # completed, stopped early, failed, or the run's status
+    mode: str
+    timestep: int | None       # None for the non-DDPM modes
+    lr: float
+    iteration: int
+    metrics: dict[str, float]
+
+    def value(self, key: str) -> float | None:
+        v = self.metrics.get(key)
+        return v if v is not None and math.isfinite(v) else None
+
+
+def _state(run: dict[str, Any]) -> str:
+    if run["tags"].get("dip.completed") == "true":
+        return "completed"
+    if run["status"] == "FAILED":
+        return "failed"
+    return "stopped early" if run["status"] == "FINISHED" else run["status"].lower()
+
+
+def trial_rows(runs: list[dict[str, Any]], base: TrialConfig) -> list[TrialRow]:
+    rows = []
+    for r in runs:
+        if r["role"] != "trial":
+            continue
+        p = r["params"]
+        mode = p.get("noise_mode", base.noise_mode)
+        t = int(p.get("timestep", base.timestep)) if mode in DDPM_MODES else None
+        rows.append(TrialRow(r["run_name"], r["run_id"], _state(r), mode, t, float(p.get("lr", base.lr)),
+                             int(r["metrics"].get("iteration", 0)), r["metrics"]))
+    return sorted(rows, key=lambda row: row.name)
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {"n": len(values), "best": max(values), "median": statistics.median(values),
+            "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def _f(v: float | None, nd: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# --- images: brightness, observations, the classical baseline ---
+
+@dataclass
+class ImageFacts:
+    label: str
+    spec: str
+    brightness: float          # mean of the clean image at the study's size, in [0, 1]
+    observation_psnr: float    # mean over repeats
+    baseline_psnr: float | None
+    baseline_ssim: float | None
+    clean: torch.Tensor
+    observation: torch.Tensor  # repeat 0: the one the trial's logged images show
+    baseline: torch.Tensor | None
+
+
+def _baseline(y: img.Degraded, cfg: TrialConfig) -> torch.Tensor | None:
+    """BM3D (Dabov et al. 2007; PyPI bm3d) on the noisy image, bicubic for sr, none else."""
+    if cfg.task == "sr":
+        return y.input_image  # the bicubic upsampling of the low-res observation
+    if cfg.task != "denoise":
+        return None
+    import bm3d
+
+    z = y.observation[0].permute(1, 2, 0).double().numpy()
+    out = bm3d.bm3d_rgb(z, cfg.sigma) if z.shape[2] == 3 else bm3d.bm3d(z[:, :, 0], cfg.sigma)
+    out = torch.from_numpy(out.reshape(z.shape)).float()
+    return out.permute(2, 0, 1)[None].clamp(0, 1)
+
+
+def image_facts(base: TrialConfig, baseline: bool) -> list[ImageFacts]:
+    """Each image's observations exactly as the trials drew them (repeat r of image j:
+    seed + r + j * SEED_STRIDE, see study/trial.py), and the baseline on the same ones."""
+    from study.trial import SEED_STRIDE, unique_labels
+
+    specs = img.expand_images(base.images)
+    out = []
+    for j, (spec, label) in enumerate(zip(specs, unique_labels(specs), strict=True)):
+        clean = img.load_image(spec, base.size, base.color)
+        obs_p, base_p, base_s, first, first_b = [], [], [], None, None
+        for r in range(getattr(base, "repeats", 1)):
+            g = torch.Generator().manual_seed(base.seed + r + j * SEED_STRIDE)
+            y = img.degrade(clean, base, g)
+            b = _baseline(y, base) if baseline else None
+            obs_p.append(psnr(y.input_image, clean))
+            if b is not None:
+                base_p.append(psnr(b, clean))
+                base_s.append(ssim(b, clean))
+            if r == 0:
+                first, first_b = y.observation if base.task != "sr" else y.input_image, b
+        out.append(ImageFacts(label, spec, float(clean.mean()), statistics.fmean(obs_p),
+                              statistics.fmean(base_p) if base_p else None,
+                              statistics.fmean(base_s) if base_s else None, clean, first, first_b))
+    return out
+
+
+# --- figures ---
+
+def _scatter(rows: list[TrialRow], x: str, metric: str, path: Path, log: bool) -> bool:
+    pts = [r for r in rows if r.value(metric) is not None and (x != "timestep" or r.timestep is not None)]
+    if not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for k, mode in enumerate(m for m in NOISE_MODES if any(r.mode == m for r in pts)):
+        for done, marker in ((True, "o"), (False, "x")):
+            sel = [r for r in pts if r.mode == mode and (r.state == "completed") == done]
+            if sel:
+                ax.scatter([getattr(r, x) for r in sel], [r.value(metric) for r in sel], marker=marker,
+                           color=f"C{k}", label=mode + ("" if done else " (stopped early)"))
+    ax.set_xscale("log" if log else "linear")
+    ax.set_xlabel("DDPM timestep t" if x == "timestep" else "learning rate")
+    ax.set_ylabel(f"{metric} at the trial's last report (dB)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _optuna_figures(study_dir: Path, name: str, out: Path) -> list[tuple[str, str]]:
+    """Optuna's own view of the study (optimisation history, importances, slices)."""
+    import optuna.visualization.matplotlib as ovm
+
+    from study.space import load_optuna_study
+
+    study = load_optuna_study(study_dir, name)
+    if study is None:
+        return []
+    made = []
+    for fname, title, plot in (("optuna_history.png", "optimisation history", ovm.plot_optimization_history),
+                               ("optuna_importances.png", "parameter importances", ovm.plot_param_importances),
+                               ("optuna_slice.png", "slice plot", ovm.plot_slice)):
+        try:
+            with warnings.catch_warnings():  # "experimental" since optuna 2.2; tight_layout notes
+                warnings.simplefilter("ignore")
+                ax = plot(study)
+        except (ValueError, RuntimeError) as e:  # e.g. too few finished trials
+            made.append(("", f"{title}: not drawn ({e})"))
+            continue
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        fig.set_size_inches(max(6.4, fig.get_size_inches()[0]), 4.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        made.append((fname, title))
+    return made
+
+
+def _best_grid(facts: list[ImageFacts], best_images: list[torch.Tensor | None], path: Path) -> None:
+    """Per image one row: observation | best configuration's output | baseline | clean."""
+    from torchvision.utils import make_grid, save_image
+
+    tiles = []
+    for f, out in zip(facts, best_images, strict=True):
+        row = [f.observation, out, f.baseline, f.clean]
+        tiles += [(t if t is not None else torch.zeros_like(f.clean)).expand(1, 3, -1, -1) for t in row]
+    k = max(1, 128 // tiles[0].shape[-1])  # small study images shown at >= 128 px, pixels kept
+    tiles = [torch.nn.functional.interpolate(t, scale_factor=k, mode="nearest")[0] for t in tiles]
+    save_image(make_grid(tiles, nrow=4, padding=2, pad_value=1.0), path)
+
+
+def _best_output(uri: str, run_id: str, label: str, several: bool) -> torch.Tensor | None:
+    """The best trial's final output average as logged (its last output if it has none)."""
+    from study import tracking
+
+    pre = f"{label}/" if several else ""
+    a = tracking.run_image(uri, run_id, f"{pre}output_ema")
+    a = a if a is not None else tracking.run_image(uri, run_id, f"{pre}output")
+    return None if a is None else torch.from_numpy(a.astype("float32") / 255.0).permute(2, 0, 1)[None]
+
+
+# --- sections ---
+
+def _mode_section(rows: list[TrialRow], metric: str) -> str:
+    body = []
+    for mode in (m for m in NOISE_MODES if any(r.mode == m for r in rows)):
+        mine = [r for r in rows if r.mode == mode]
+        done = [v for r in mine if r.state == "completed" and (v := r.value(metric)) is not None]
+        spread = [v for r in mine if r.state == "completed" and (v := r.value(f"{metric}_repeat_std")) is not None]
+        st = summarize(done)
+        count = {k: sum(r.state == k for r in mine) for k in ("completed", "stopped early", "failed")}
+        body.append([mode, str(len(mine)), str(count["completed"]), str(count["stopped early"]), str(count["failed"]),
+                     _f(st.get("best")), _f(st.get("median")),
+                     f"{_f(st.get('mean'))} ± {_f(st.get('std'))}" if st else "-",
+                     _f(statistics.fmean(spread)) if spread else "-"])
+    return _table(["input mode", "trials", "completed", "stopped early", "failed", f"best {metric}",
+                   f"median {metric}", "mean ± std over trials", "mean spread over repeats (std)"], body)
+
+
+def _image_key(metric: str, label: str, labels: list[str]) -> str:
+    return f"{metric}/{label}" if len(labels) > 1 else metric
+
+
+def _image_section(rows: list[TrialRow], facts: list[ImageFacts], base: TrialConfig) -> tuple[str, str]:
+    labels = [f.label for f in facts]
+    modes = [m for m in NOISE_MODES if any(r.mode == m and r.state == "completed" for r in rows)]
+    bl = {"denoise": "BM3D", "sr": "bicubic"}.get(base.task)
+    body, by_mode = [], {}
+    for f in sorted(facts, key=lambda f: f.brightness):
+        key = _image_key(HONEST, f.label, labels)
+        done = [r for r in rows if r.state == "completed" and r.value(key) is not None]
+        best = max(done, key=lambda r: r.value(key), default=None)
+        med = {m: statistics.median([r.value(key) for r in done if r.mode == m])
+               for m in modes if any(r.mode == m for r in done)}
+        by_mode[f.label] = med
+        body.append([f.label, _f(f.brightness, 3), _f(f.observation_psnr), _f(f.baseline_psnr),
+                     _f(best.value(key) if best else None), best.mode if best else "-",
+                     _f(best.value(_image_key(ORACLE, f.label, labels)) if best else None)])
+    table = _table(["image (darkest first)", "mean brightness", "observation PSNR",
+                    f"{bl or 'baseline'} PSNR" if bl else "baseline", f"best trial {HONEST}", "its mode",
+                    f"its {ORACLE} (oracle)"], body)
+    per_mode = _table(["image (darkest first)", *modes],
+                      [[f.label, *[_f(by_mode[f.label].get(m)) for m in modes]]
+                       for f in sorted(facts, key=lambda f: f.brightness)])
+    return table, per_mode
+
+
+def observation_check(rows: list[TrialRow], facts: list[ImageFacts]) -> tuple[float | None, str]:
+    """Largest gap between the observations regenerated here and the trials' own logged
+    `psnr_observation`: the baseline is only fair if it sees the same noisy pixels."""
+    labels = [f.label for f in facts]
+    gaps = [abs(v - f.observation_psnr) for f in facts for r in rows
+            if (v := r.value(_image_key("psnr_observation", f.label, labels))) is not None]
+    if not gaps:
+        return None, "The trials logged no `psnr_observation`, so the observations could not be cross-checked."
+    gap = max(gaps)
+    if gap > 0.01:
+        return gap, (f"**Warning**: the observations regenerated for the baseline differ from the trials' "
+                     f"by up to {gap:.3f} dB PSNR; the baseline column is not on the same pixels.")
+    return gap, (f"Check: the regenerated observations match every trial's logged `psnr_observation` "
+                 f"(largest gap {gap:.1e} dB), so the baseline saw the same noisy pixels.")
+
+
+def _darkness_sentence(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
+    """Is a DDPM input better than the reference's uniform input on darker images?"""
+    labels = [f.label for f in facts]
+    if len(facts) < 2:
+        return "One image only: the study cannot say how brightness matters."
+    parts = []
+    for f in sorted(facts, key=lambda f: f.brightness):
+        key = _image_key(HONEST, f.label, labels)
+        done = [r for r in rows if r.state == "completed" and r.value(key) is not None]
+        ddpm = [r.value(key) for r in done if r.mode in DDPM_MODES]
+        uni = [r.value(key) for r in done if r.mode == "uniform"]
+        if ddpm and uni:
+            parts.append((f, statistics.median(ddpm) - statistics.median(uni)))
+    if len(parts) < 2:
+        return ("Too few completed trials of the DDPM modes and of the uniform input to compare "
+                "them per image.")
+    text = "; ".join(f"{f.label} (brightness {f.brightness:.2f}): {d:+.2f} dB" for f, d in parts)
+    darkest, brightest = parts[0][1], parts[-1][1]
+    verdict = ("larger on the darkest image than on the brightest: consistent with the claim"
+               if darkest > brightest else "not larger on the darkest image: the claim is not supported here")
+    return (f"Median {HONEST} of the DDPM-input trials minus that of the uniform-input trials, "
+            f"per image (completed trials): {text}. The DDPM advantage is {verdict}.")
+
+
+def _headline(rows: list[TrialRow], facts: list[ImageFacts], s: StudyConfig, best: TrialRow | None) -> str:
+    sign = 1 if s.mode == "max" else -1
+    med = {m: (statistics.median(v), len(v)) for m in NOISE_MODES
+           if (v := [x for r in rows if r.mode == m and r.state == "completed" and (x := r.value(s.metric)) is not None])}
+    out = []
+    if med:
+        top = max(med, key=lambda m: sign * med[m][0])
+        out.append(f"By median `{s.metric}` over completed trials the best input mode is **{top}** "
+                   f"({med[top][0]:.2f}, {med[top][1]} trials)")
+        if "uniform" in med and top != "uniform":
+            out[-1] += f"; the DIP reference's uniform input: {med['uniform'][0]:.2f} ({med['uniform'][1]} trials)"
+        out[-1] += "."
+    bl = [f.baseline_psnr for f in facts if f.baseline_psnr is not None]
+    if best is not None and bl and best.value(HONEST) is not None:
+        name = "BM3D" if s.trial.task == "denoise" else "bicubic"
+        out.append(f"The best trial's `{HONEST}` is {best.value(HONEST):.2f} dB averaged over the images; "
+                   f"{name} scores {statistics.fmean(bl):.2f} dB on the same observations.")
+    return " ".join(out) or "No trial completed."
+
+
+def _best_section(best: TrialRow | None, s: StudyConfig, searched: list[str]) -> str:
+    if best is None:
+        return "No trial reported the metric."
+    shown = ", ".join(f"{k} = {v}" for k, v in (("noise_mode", best.mode), ("timestep", best.timestep),
+                                                ("lr", f"{best.lr:.3g}")) if v is not None and k in searched)
+    return (f"Best trial `{best.name}` ({best.state}, {best.iteration} iterations): {shown}. "
+            + (f"{s.metric} = {_f(best.value(s.metric), 3)}; " if s.metric not in (HONEST, ORACLE) else "")
+            + f"{HONEST} = {_f(best.value(HONEST))} dB (honest: "
+            f"the output average at the end); {ORACLE} = {_f(best.value(ORACLE))} dB at iteration "
+            f"{int(best.value('best_iteration') or 0)} (**oracle**: chosen by looking at the clean image, "
+            "so no method can claim it; it is the ceiling early stopping could reach).")
+
+
+def _pick_best(rows: list[TrialRow], s: StudyConfig) -> TrialRow | None:
+    """The same choice as `export` (study/export.py pick_best)."""
+    from study.export import pick_best
+
+    trials = [{"trial_id": r.name, "metrics": r.metrics, "completed": r.state == "completed",
+               "status": "FAILED" if r.state == "failed" else "FINISHED", "row": r} for r in rows]
+    chosen = pick_best(trials, s.metric, s.mode)
+    return chosen["row"] if chosen else None
+
+
+def _figures(rows: list[TrialRow], facts: list[ImageFacts], s: StudyConfig, out: Path) -> list[str]:
+    md = []
+    if _scatter(rows, "timestep", s.metric, out / "metric_vs_timestep.png", log=False):
+        md.append(f"![{s.metric} against t](metric_vs_timestep.png)")
+    if _scatter(rows, "lr", s.metric, out / "metric_vs_lr.png", log=True):
+        md.append(f"![{s.metric} against lr](metric_vs_lr.png)")
+    labels = [f.label for f in facts]
+    if len(labels) > 1:
+        for f in facts:
+            name = f"{HONEST}_vs_timestep_{f.label}.png"
+            if _scatter(rows, "timestep", _image_key(HONEST, f.label, labels), out / name, log=False):
+                md.append(f"![{f.label}: {HONEST} against t]({name})")
+    return md
+
+
+def _header(s: StudyConfig, rows: list[TrialRow], meta: dict[str, Any], searched: list[str]) -> str:
+    t = s.trial
+    net = f"{t.net} {t.scales} scales x {t.channels} channels"
+    return (f"# Study `{s.name}`: report\n\n"
+            f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `run_study.py report {s.name}`. "
+            f"Study created {meta.get('created', '?')}.\n\n"
+            f"- Task: {t.task}" + (f" (sigma = {t.sigma * 255:.0f}/255)" if t.task == "denoise" else "") +
+            f"; images: {', '.join(t.images)} at {t.size} px; {net}; {t.iterations} iterations; "
+            f"{getattr(t, 'repeats', 1)} repeat(s) (seeds) per image.\n"
+            f"- Searched: {', '.join(f'`{k}`' for k in searched)}; {len(rows)} trials "
+            f"({s.num_samples} asked), objective `{s.metric}` ({s.mode}), scheduler {s.scheduler}.\n"
+            f"- `{HONEST}`: PSNR of the output average at the trial's last report (the honest number). "
+            f"`{ORACLE}`: the best `{HONEST}` over iterations, an **oracle** (it looks at the clean image).\n"
+            "- Medians and means use completed trials only: a trial stopped early by the scheduler "
+            "reports an earlier iteration's value, not comparable. The sampler (TPE) gives promising "
+            "modes more trials, so counts differ by mode.\n")
+
+
+def make_report(root: str, name: str, out: Path | None = None, baseline: bool = True,
+                log: bool = True) -> Path:
+    """Write the report of study `name` under ROOT and (log) attach it to the parent run
+    under `report/`. Returns the path of report.md."""
+    from study import tracking
+    from study.service import read_study
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet downloads
+    meta = read_study(root, name)
+    s = StudyConfig.from_dict(meta["study"])
+    runs = tracking.study_runs(s.resolved_tracking_uri, s.name)
+    rows = trial_rows(runs, s.trial)
+    if not rows:
+        raise ValueError(f"study {name!r} has no trial runs yet; nothing to report")
+    out = Path(out) if out is not None else s.study_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    searched = list(meta.get("space") or {})
+    facts = image_facts(s.trial, baseline)
+    best = _pick_best(rows, s)
+    labels = [f.label for f in facts]
+    if best is not None:
+        outputs = [_best_output(s.resolved_tracking_uri, best.run_id, lb, len(labels) > 1) for lb in labels]
+        _best_grid(facts, outputs, out / "best_outputs.png")
+    image_table, per_mode = _image_section(rows, facts, s.trial)
+    optuna_figs = _optuna_figures(s.study_dir, s.name, out)
+    bl = {"denoise": "BM3D (PyPI `bm3d`, sigma given)", "sr": "bicubic upsampling"}.get(s.trial.task)
+    parts = [
+        _header(s, rows, meta, searched),
+        "## The answer\n", _headline(rows, facts, s, best) + "\n", _best_section(best, s, searched) + "\n", _darkness_sentence(rows, facts) + "\n",
+        "## Per input mode\n", _mode_section(rows, s.metric) + "\n", *[f + "\n" for f in _figures(rows, facts, s, out)],
+        "## Per image\n", f"Baseline: {bl or 'none for this task'}, on the very observations the trials "
+        "fitted (same seeds), averaged over repeats. " + observation_check(rows, facts)[1] + "\n",
+        image_table + "\n",
+        f"Median {HONEST} by input mode (completed trials):\n", per_mode + "\n",
+    ]
+    if best is not None:
+        parts += ["## The best configuration's output\n",
+                  f"Per image: observation | best trial's output ({HONEST} image, repeat 0) | "
+                  f"{bl.split(' (')[0] if bl else 'no baseline'} | clean.\n",
+                  "![observation, output, baseline, clean](best_outputs.png)\n"]
+    parts.append("## Optuna's view\n")
+    parts += [f"![{t}]({f})\n" if f else f"- {t}\n" for f, t in optuna_figs] or \
+        ["No Optuna record (ROOT/NAME/optuna.db) for this study.\n"]
+    parts.append(_trials_appendix(rows, s.metric, s.trial, searched))
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    if log:
+        tracking.log_folder(s.resolved_tracking_uri, meta["parent_run_id"], out, "report")
+    return path
+
+
+def _trials_appendix(rows: list[TrialRow], metric: str, base: TrialConfig, searched: list[str]) -> str:
+    keys = list(dict.fromkeys([metric, HONEST, ORACLE]))
+    body = [[r.name, f"`{_tries(r, base, searched)}`", r.state, str(r.iteration), *[_f(r.value(k)) for k in keys]]
+            for r in sorted(rows, key=lambda r: -(r.value(metric) or -math.inf))]
+    head = ["run", "what it tries", "state", "iterations", *[f"{k} (oracle)" if k == ORACLE else k for k in keys]]
+    return "## Every trial\n\n" + _table(head, body) + "\n"
+
+
+def _tries(r: TrialRow, base: TrialConfig, searched: list[str]) -> str:
+    from study.config import trial_run_name
+
+    cfg = base.replace(noise_mode=r.mode, lr=r.lr, **({"timestep": r.timestep} if r.timestep is not None else {}))
+    return trial_run_name(cfg, searched)
