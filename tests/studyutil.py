@@ -91,3 +91,46 @@ def best_child(children: list[Any], metric: str = "psnr_ema") -> Any:
 
 def read_json(p: Path) -> dict[str, Any]:
     return json.loads(Path(p).read_text())
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 that a test can stop and start again on the same
+    port and store (a head restart); stopped by its own process group only."""
+
+    def __init__(self, folder: Path, port: int | None = None):
+        self.folder, self.port = Path(folder), port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> "MlflowServer":
+        import time
+        import urllib.request
+
+        log = open(self.folder / "server.log", "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder}/server.db", "--artifacts-destination",
+             str(self.folder / "artifacts"), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise AssertionError("mlflow server did not answer /health in time")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
