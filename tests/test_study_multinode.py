@@ -1,9 +1,16 @@
 """A study on a real multi-node Ray cluster: a head and a worker started with `ray start`
-on this machine, joined with --address; trials must land on both nodes."""
+on this machine (loopback, one disk), joined with --address; trials must land on both
+nodes. A node-local storage on several nodes is refused; --shared-storage says the path is
+one every node reads (true here, as on an NFS mount). The cluster has its own ports and
+temp dir, and is torn down by a marker in its processes' environment, never `ray stop`."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,25 +22,61 @@ RAY = str(Path(sys.executable).with_name("ray"))
 # `ray start` enables token authentication in Ray 2.60; the nodes and the driver on this
 # machine share ~/.ray/auth_token when the mode is set.
 AUTH = {"RAY_AUTH_MODE": "token"}
+PORT_FLAGS = ("node-manager-port", "object-manager-port", "ray-client-server-port",
+              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+              "runtime-env-agent-port", "metrics-export-port")
+
+
+def _start(marker: str, temp: str, *args: str) -> None:
+    ports = [f"--{k}={free_port()}" for k in PORT_FLAGS]
+    subprocess.run([RAY, "start", "--num-cpus", "1", "--disable-usage-stats", f"--temp-dir={temp}",
+                    *ports, *args], check=True, env=env(**AUTH, DIP_TEST_CLUSTER=marker),
+                   capture_output=True, timeout=180)
+
+
+def _ours(marker: str) -> list[int]:
+    needle = f"DIP_TEST_CLUSTER={marker}\0".encode()
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and needle in (p / "environ").read_bytes():
+                pids.append(int(p.name))
+        except OSError:
+            continue
+    return pids
 
 
 @pytest.fixture(scope="module")
 def cluster():
+    marker = uuid.uuid4().hex[:10]
+    temp = f"/tmp/dipmn{marker}"  # short: Ray's socket paths must fit 107 characters
     port = free_port()
-    e = env(**AUTH)
-    common = ["--num-cpus", "1", "--disable-usage-stats"]
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                   check=True, env=e, capture_output=True, timeout=180)
     try:
-        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", *common],
-                       check=True, env=e, capture_output=True, timeout=180)
+        _start(marker, temp, "--head", f"--port={port}", "--include-dashboard=false")
+        _start(marker, temp, f"--address=127.0.0.1:{port}")
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=e, capture_output=True, timeout=120)
+        for _ in range(50):
+            pids = _ours(marker)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+
+
+def test_node_local_storage_is_refused_on_several_nodes(cluster, tmp_path):
+    r = cli("run", "--name", "loc", "--root", str(tmp_path), "--address", cluster, *TINY, **AUTH)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "the Ray cluster has 2 nodes" in r.stderr and "--storage s3://" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "loc").exists()
 
 
 def test_study_spreads_over_two_nodes(cluster, tmp_path):
-    r = cli("run", "--name", "mn", "--root", str(tmp_path), "--num-samples", "4",
+    r = cli("run", "--name", "mn", "--root", str(tmp_path), "--num-samples", "4", "--shared-storage",
             "--address", cluster, "--scheduler", "fifo", *TINY, **AUTH)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _, children = check_study(f"sqlite:///{tmp_path}/mlflow.db", "mn", n=4)
