@@ -107,10 +107,10 @@ class Service:
         wait_http(self.url, self.proc, self.log)
 
     def stop(self) -> None:
-        """SIGTERM its process group (the server and its workers), SIGKILL after 20 s."""
+        """SIGTERM its process group (the server and its workers), SIGKILL after 10 s."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 20)):
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 20)):
             try:
                 os.killpg(self.proc.pid, sig)
             except ProcessLookupError:
