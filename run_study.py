@@ -15,7 +15,7 @@ from pathlib import Path
 
 from study.cliargs import add_config_flags, add_study_flags, build_config, study_overrides
 from study.config import BUNDLED_IMAGES, StudyConfig
-from study.cli_answer import add_answer_parsers, apply_preset
+from study.cli_answer import add_answer_parsers, apply_preset, study_links
 from study.paths import check_writable
 
 
@@ -58,6 +58,9 @@ def _study_flags(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, skip=("seed",))
 
 
+PROJECT = str(Path(__file__).resolve().parent)
+
+
 def default_root() -> str:
     return str(Path.cwd() / "studies")
 
@@ -70,11 +73,22 @@ def _root(ns: argparse.Namespace) -> str:
     return os.path.normpath(ns.root)
 
 
+def _worker_path(image: str) -> str:
+    """How a trial on any node finds an image file: inside the project (which travels to
+    every node as Ray's working_dir, the trials' working folder), relative to it; else
+    absolute, which only this node (or a shared mount) can read."""
+    if image in BUNDLED_IMAGES:
+        return image
+    path = os.path.abspath(image)
+    rel = os.path.relpath(path, PROJECT)
+    inside = not rel.startswith("..") and Path.cwd().resolve() == Path(PROJECT).resolve()
+    return rel if inside else path
+
+
 def build_study(ns: argparse.Namespace) -> StudyConfig:
     base = {"seed": ns.study_seed} if ns.study_seed is not None else {}
     trial = build_config(ns, base)
-    # Paths reach Ray workers, whose working folder differs: make them absolute.
-    trial = trial.replace(images=tuple(i if i in BUNDLED_IMAGES else os.path.abspath(i) for i in trial.images))
+    trial = trial.replace(images=tuple(_worker_path(i) for i in trial.images))
     d = {**study_overrides(ns), "root": _root(ns)}
     d.setdefault("name", f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     return StudyConfig(trial=trial, **d)
@@ -124,6 +138,7 @@ def cmd_ui(ns: argparse.Namespace) -> int:
     except ValueError as e:
         return _user_error(e)
     print(f"MLflow UI at http://{ns.host}:{ns.port}  (Ctrl-C stops it)", flush=True)
+    print("\n".join(["each study's trial runs, best first:", *study_links(_root(ns), ns.host, ns.port)]), flush=True)
     os.execv(cmd[0], cmd)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import time
@@ -72,11 +73,19 @@ def _context(s: StudyConfig, experiment_id: str, parent: str) -> Any:
 def check_storage(s: StudyConfig, nodes: int) -> None:
     """Every node writes its trials' checkpoints to the storage and a retry on another node
     reads them: on several nodes it must be an object store or a path every node mounts."""
-    if nodes > 1 and "://" not in s.resolved_storage and not s.shared_storage:
+    if nodes < 2 or s.shared_storage:
+        return
+    if "://" not in s.resolved_storage:
         raise ValueError(
             f"the Ray cluster has {nodes} nodes but storage {s.resolved_storage!r} is a folder on this "
             "node that the others cannot read; pass --storage s3://BUCKET/PREFIX (or gs://...), or "
             "--shared-storage if every node mounts that path")
+    local = [i for i in s.trial.images if os.path.isabs(i)]
+    if local:
+        raise ValueError(
+            f"the Ray cluster has {nodes} nodes but image {local[0]!r} is a file on this node; put it "
+            "under the project folder (it travels to every node) and run from there, use a bundled "
+            "image, or pass --shared-storage if every node mounts that path")
 
 
 def _tracker(s: StudyConfig) -> Any:
@@ -90,8 +99,8 @@ def run(s: StudyConfig) -> int:
     from study import tune as st
 
     space = preflight_study(s)
-    sigterm_as_sigint()  # a Ray job's `stop`, a pod's end: a clean stop, as Ctrl-C
     st.connect(s.address)
+    sigterm_as_sigint()  # after ray.init, whose own handler would end the driver at once
     try:
         gpus = st.gpus_per_trial(s)  # refuse an impossible request before writing anything
         check_storage(s, st.alive_nodes())
@@ -116,8 +125,8 @@ def resume(root: str, name: str, address: str = "") -> int:
     if address:
         s = dataclasses.replace(s, address=address)
     _tracking().check_tracking_uri(s.resolved_tracking_uri)
-    sigterm_as_sigint()
     st.connect(s.address)
+    sigterm_as_sigint()
     try:
         if not st.can_restore(s):
             raise ValueError(f"study {name!r} has no Ray state to resume at {st.experiment_path(s)}")
@@ -256,8 +265,8 @@ def extend(root: str, name: str, n: int, address: str = "") -> int:
                             seed=(base.seed + first) % 2**32, address=address or last.address)
     space = SearchSpace(meta["space"], s.trial)
     _tracking().check_tracking_uri(s.resolved_tracking_uri)
-    sigterm_as_sigint()
     st.connect(s.address)
+    sigterm_as_sigint()
     try:
         gpus = st.gpus_per_trial(s)
         check_storage(s, st.alive_nodes())

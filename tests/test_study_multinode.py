@@ -75,6 +75,17 @@ def test_node_local_storage_is_refused_on_several_nodes(cluster, tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "loc").exists()
 
 
+def test_image_on_the_drivers_disk_is_refused_on_several_nodes(cluster, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "mine.png")
+    r = cli("run", "--name", "img", "--root", str(tmp_path), "--address", cluster, "--storage",
+            "s3://bucket/prefix", "--image", str(tmp_path / "mine.png"), *TINY, **AUTH)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"image '{tmp_path / 'mine.png'}' is a file on this node" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "img").exists()
+
+
 def test_study_spreads_over_two_nodes(cluster, tmp_path):
     r = cli("run", "--name", "mn", "--root", str(tmp_path), "--num-samples", "4", "--shared-storage",
             "--address", cluster, "--scheduler", "fifo", *TINY, **AUTH)
