@@ -25,7 +25,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from study import images as img
-from study.config import FitSummary, StudyConfig, TrialConfig
+from study.config import FitSummary, StudyConfig, TrialConfig, trial_run_name
 from study.jobs import job_working_dir
 from study.space import OPTUNA_DB, SearchSpace, make_sampler, make_storage
 from study.paths import write_json
@@ -243,8 +243,12 @@ def dip_trainable(config: dict[str, Any], ctx: StudyContext) -> None:
     # One "Checkpoint successfully created" line per report drowns the progress table.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     tctx, sender = tune.get_context(), RelaySender(ctx.relay)
+    # The run is named for what the trial tries (`ddpm_resample t=120 lr=3.2e-03`), so the
+    # runs table and chart legends read without opening runs; Tune's name goes in a tag.
+    name = trial_run_name(cfg, list(config))
     log = TrialLogger(sender, run_create_info(ctx.experiment_id, ctx.parent_run_id, ctx.study,
-                                              tctx.get_trial_id(), tctx.get_trial_name(), cfg.to_dict()))
+                                              tctx.get_trial_id(), name, cfg.to_dict()))
+    log.set_tags({"dip.trial_name": tctx.get_trial_name()})
     last: dict[str, float] = {}
     try:
         _train(cfg, ctx, log, sender, last)

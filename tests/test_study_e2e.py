@@ -45,6 +45,11 @@ def test_study_records_parent_children_metrics_images(study):
     assert all("dip.retries" not in r.data.tags for r in failed), "a diverged trial was retried"
     assert any(r.data.tags.get("dip.completed") == "true" for r in children)
     assert json.loads(parent.data.params["trial.images"]) == list(IMAGES)
+    for r in children:  # runs named for what they try, e.g. "ddpm t=120 lr=3.2e-03"
+        mode, *rest = r.info.run_name.split()
+        assert mode == r.data.params["noise_mode"] and rest[-1].startswith("lr="), r.info.run_name
+        assert any(x.startswith("t=") for x in rest) == (mode != "uniform"), r.info.run_name
+        assert r.data.tags["dip.trial_name"].startswith("trial_")
 
 
 def test_export_equals_best_child_and_parent(study, tmp_path):
