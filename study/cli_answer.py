@@ -7,12 +7,14 @@ matplotlib, mlflow) happen inside the command functions.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import urllib.parse
 from pathlib import Path
 
 from study.presets import add_preset_flag, apply_preset
 
-__all__ = ["add_answer_parsers", "apply_preset", "cmd_apply", "cmd_report"]
+__all__ = ["add_answer_parsers", "apply_preset", "cmd_apply", "cmd_report", "study_links"]
 
 
 def _error(e: Exception, code: int = 2) -> int:
@@ -99,6 +101,32 @@ def cmd_apply(ns: argparse.Namespace) -> int:
     except FloatingPointError as e:
         return _error(e, code=1)
     return 0
+
+
+def study_link(base: str, experiment_id: str, metric: str, mode: str) -> str:
+    """The MLflow UI's runs table of one study: trial runs only, best `metric` first. The
+    UI reads `searchFilter`, `orderByKey` and `orderByAsc` from the URL (MLflow 3.17)."""
+    query = urllib.parse.urlencode({
+        "searchFilter": "tags.`dip.role` = 'trial'", "orderByKey": f"metrics.`{metric}`",
+        "orderByAsc": "true" if mode == "min" else "false"}, quote_via=urllib.parse.quote)
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def study_links(root: str, host: str, port: int, limit: int = 10) -> list[str]:
+    """One line per study under `root` (the latest `limit`): its name and runs-table link."""
+    from study.config import METRICS
+
+    lines = []
+    metas = sorted(Path(root).glob("*/study.json"), key=lambda p: p.stat().st_mtime)[-limit:]
+    for path in metas:
+        try:
+            meta = json.loads(path.read_text())
+            metric = meta["study"]["metric"]
+            link = study_link(f"http://{host}:{port}", meta["experiment_id"], metric, METRICS[metric])
+        except (OSError, ValueError, KeyError):
+            continue  # a study.json being written, or of another format: no link
+        lines.append(f"  {path.parent.name}: {link}")
+    return lines
 
 
 def add_answer_parsers(sub: argparse._SubParsersAction) -> None:
