@@ -137,3 +137,16 @@ def test_cuda_without_cuda_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "no CUDA device" in err
     assert not (tmp_path / "o" / "result.json").exists()
+
+
+def test_repeats_train_every_seed_and_keep_each_network(tmp_path, capsys):
+    rc = run_study.main(["train", *TINY, "--repeats", "2", "--seed", "4", "--out", str(tmp_path)])
+    assert rc == 0
+    assert "x 2 repeats (seeds 4..5)" in capsys.readouterr().out
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert [(n["image"], n["repeat"], n["seed"]) for n in result["networks"]] == [
+        ("camera", 0, 4), ("camera", 1, 5)]
+    assert result["psnr"] == pytest.approx(sum(n["metrics"]["psnr"] for n in result["networks"]) / 2)
+    assert "psnr_ema_repeat_std" in result
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "input.png", "observation.png", "output.png", "output_ema.png"]
