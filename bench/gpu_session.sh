@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU session for issue 7 (about 7 minutes on one H100/H200): throughput of the
+# One prepared GPU session for issue 7 (at most 8.5 minutes on one H100/H200): throughput of the
 # notebook loop and the packed project loop at 256 and 512 px (every step variant, K = 1..16),
 # a psnr_ema trajectory check of the fastest variant against fp32 eager, and a short study
 # with fractional GPUs. Each stage has its own time limit, and everything is written as it
@@ -7,6 +7,7 @@
 # device runner returns $OUT), with the command and the device at the top of each file.
 #
 #   bash bench/gpu_session.sh                  # from the repository root, on a GPU machine
+#   PY=/path/to/python bash bench/gpu_session.sh   # a Python with the project's dependencies
 #
 # Then put the tables in README "Performance" and, if the measurements say so, change
 # models/step.py StepOptions.auto (bf16) and study/tune.py DEFAULT_GPU_SHARE.
@@ -34,11 +35,11 @@ stage() {  # stage NAME SECONDS COMMAND...
 nvidia-smi > "$RES/nvidia-smi.txt" 2>&1
 # Correctness first: the CUDA tests of tests/test_packed.py (auto step options = fp32 eager,
 # no device sync in a graphed step, resume of a graphed pack) and the CPU ones beside them.
-stage tests 120 "$PY" -m pytest tests/test_packed.py tests/test_trial.py -q -x
-stage throughput_256 150 "$PY" bench/throughput.py --device cuda --size 256 --net reference --steps 30 --check-iterations 1000
+stage tests 60 "$PY" -m pytest tests/test_packed.py tests/test_trial.py -q -x
+stage throughput_256 180 "$PY" bench/throughput.py --device cuda --size 256 --net reference --steps 30 --check-iterations 600
 stage throughput_512 150 "$PY" bench/throughput.py --device cuda --size 512 --net reference --steps 20 --ks 1 2 4 8 16
 # A short study: 8 trials of 300 iterations at 256 px, 2 repeats each, 2 trials per GPU.
-stage study 150 "$PY" run_study.py run --name gpu-short --root "$PWD/$RES/studies" --num-samples 8 \
+stage study 120 "$PY" run_study.py run --name gpu-short --root "$PWD/$RES/studies" --num-samples 8 \
   --gpus-per-trial 0.5 --cpus-per-trial 2 --size 256 --iterations 300 --report-every 50 --repeats 2 \
   --scheduler fifo --noise-mode ddpm_resample
 rm -rf "$RES/studies/gpu-short/ray"  # checkpoints: not results

@@ -21,6 +21,7 @@ networks every N/10 steps, fp32 eager against the fastest variant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shlex
@@ -56,7 +57,7 @@ def variants(device: torch.device) -> dict[str, StepOptions]:
         "channels_last+reflect_cat": StepOptions(channels_last=True, reflect="cat"),
         "cuda_graph+fused_adam": StepOptions(cuda_graph=True, fused_adam=True),
         "auto": auto,
-        "auto+bf16": StepOptions(**{**auto.__dict__, "bf16": True}),
+        "auto+bf16": dataclasses.replace(auto, bf16=True),
     }
 
 
@@ -70,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", help="project step variants [all for the device]")
     p.add_argument("--check-iterations", type=int, default=0,
                    help="also compare psnr_ema trajectories over this many steps [0: no]")
+    p.add_argument("--check-k", type=int, default=4, help="networks averaged in the check [4]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     p.add_argument("--threads", type=int, help="CPU threads for torch [torch's default]")
     return p.parse_args(argv)
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             if r["net_it_per_s"] > best:
                 best, best_name = r["net_it_per_s"], f"{name} K={k}"
     if ns.check_iterations:
-        k = min(8, max(ns.ks))
+        k = ns.check_k
         variant = best_name.split()[0]
         a = trajectory(ns, k, StepOptions())
         b = trajectory(ns, k, table[variant])
