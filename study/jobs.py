@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shlex
 import signal
@@ -37,7 +38,8 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 def sigterm_as_sigint() -> None:
     """Make SIGTERM stop the study as Ctrl-C does: call whatever handles SIGINT at that
     moment (Tune's graceful stop during `fit`, KeyboardInterrupt before it). Called, not
-    re-raised as SIGINT: a Ray job's driver has SIGINT blocked."""
+    re-raised as SIGINT: a Ray job's driver has SIGINT blocked. Install it after
+    `ray.init`, which sets its own SIGTERM handler (it logs and ends the process)."""
     def on_sigterm(signum: int, frame: Any) -> None:
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler):
@@ -149,6 +151,8 @@ class Cluster:
         """Start `python run_study.py ARGV` as a job with this project as its working_dir."""
         from study.tune import RUNTIME_EXCLUDES
 
+        for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):  # not a line per packaged file
+            logging.getLogger(name).setLevel(logging.ERROR)
         job_id = f"dip-{study}-{time.strftime('%Y%m%d-%H%M%S')}"
         env = {"RAY_JOB_STOP_WAIT_TIME_S": str(stop_wait), "PYTHONUNBUFFERED": "1"}
         return self._call(

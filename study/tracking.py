@@ -428,7 +428,8 @@ def _short(e: Exception) -> str:
 @dataclass(frozen=True)
 class TrialView:
     run_id: str
-    name: str
+    name: str                      # the run's name (what it tries)
+    trial: str                     # Tune's trial name: trial_NNNN, numbered through the study
     status: str                    # RUNNING, FINISHED, FAILED or KILLED
     completed: bool                # ran all its iterations
     metrics: dict[str, float]      # latest value of each
@@ -473,6 +474,7 @@ def _study_view(client: MlflowClient, uri: str, exp: Any) -> StudyView | None:
     p = runs[0]
     trials = tuple(TrialView(
         run_id=r.info.run_id, name=r.info.run_name or "", status=r.info.status,
+        trial=r.data.tags.get("dip.trial_name") or r.info.run_name or "",
         completed=r.data.tags.get("dip.completed") == "true", metrics=dict(r.data.metrics),
         params=dict(r.data.params), start=_seconds(r.info.start_time), end=_seconds(r.info.end_time),
     ) for r in client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'", max_results=50000))
