@@ -33,16 +33,14 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
+from study.records import (ROLE_TAG, TRIAL_TAG, dict_record, end_record, flat_params,
+                           metrics_record, tags_record)
 from study.spool import Record, Spool
 
-TRIAL_TAG = "dip.trial_id"
-STUDY_TAG = "dip.study"
-ROLE_TAG = "dip.role"          # "study" for the parent, "trial" for children
 REASON_TAG = "dip.end_reason"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
-MAX_PARAM_LEN = 6000           # MLflow's limit on a param value
 UNDELIVERED_TAG = "dip.undelivered"  # on the parent: records the spool had to drop
 
 
@@ -67,15 +65,8 @@ def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
         )
 
 
-def _flat_params(d: dict[str, Any], prefix: str = "") -> list[Param]:
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += _flat_params(v, f"{prefix}{k}.")
-        else:
-            text = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
-            out.append(Param(prefix + k, text[:MAX_PARAM_LEN]))
-    return out
+def _flat_params(d: dict[str, Any]) -> list[Param]:
+    return [Param(k, v) for k, v in flat_params(d).items()]
 
 
 def _find_trial_run(client: MlflowClient, experiment_id: str, trial_id: str) -> Any | None:
@@ -92,58 +83,6 @@ def _metrics(m: dict[str, float], step: int) -> list[Metric]:
     ts = int(time.time() * 1000)
     return [Metric(k, float(v), ts, step) for k, v in m.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)]
-
-
-# --- records: what the driver and the trials send through the study's relay ---
-
-def _numeric(m: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _target(run_id: str | None, trial: str | None) -> Record:
-    return {"run_id": run_id} if run_id else {"trial": trial}
-
-
-def metrics_record(m: dict[str, float], step: int, *, run_id: str | None = None,
-                   trial: str | None = None) -> Record:
-    return {"op": "metrics", **_target(run_id, trial), "step": int(step),
-            "ts": int(time.time() * 1000), "values": _numeric(m)}
-
-
-def tags_record(tags: dict[str, Any], *, run_id: str | None = None, trial: str | None = None) -> Record:
-    return {"op": "tags", **_target(run_id, trial), "tags": {k: str(v) for k, v in tags.items()}}
-
-
-def dict_record(d: dict[str, Any], name: str, *, run_id: str | None = None,
-                trial: str | None = None) -> Record:
-    return {"op": "dict", **_target(run_id, trial), "name": name, "data": d}
-
-
-def end_record(status: str, reason: str, *, run_id: str | None = None, trial: str | None = None,
-               if_open: bool = False) -> Record:
-    """`if_open`: leave a run that already ended as it is (the driver's view of a trial)."""
-    return {"op": "end", **_target(run_id, trial), "status": status, "reason": reason[:5000],
-            "if_open": if_open}
-
-
-def image_record(key: str, hwc: Any, step: int, trial: str) -> Record:
-    """An image as PNG (with a step, so the UI's slider shows it over training). Images are
-    the first records a full spool drops."""
-    from PIL import Image
-
-    a = np.asarray(hwc, dtype=np.float32)
-    a = (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a).save(buf, format="PNG")
-    return {"op": "image", "trial": trial, "key": key, "step": int(step),
-            "ts": int(time.time() * 1000), "png": base64.b64encode(buf.getvalue()).decode(),
-            "droppable": True}
-
-
-def _order(r: Record) -> int:
-    """Within one report: a step's images before its metrics (the `iteration` metric marks
-    the step delivered), and a run's end last."""
-    return {"metrics": 1, "end": 2}.get(r["op"], 0)
 
 
 class StudyTracker:
@@ -212,44 +151,6 @@ class StudyTracker:
                                    run_id=run_id))
         return out + [end_record(status, "the study ended" if status == "FINISHED"
                                  else "the study was interrupted; resume continues it", run_id=run_id)]
-
-
-def run_create_info(experiment_id: str, parent_run_id: str, study: str, trial_id: str,
-                    name: str, config: dict[str, Any]) -> dict[str, Any]:
-    """What the courier needs to create a trial's run where none exists yet."""
-    return {"experiment_id": experiment_id, "name": name, "trial": trial_id,
-            "tags": {MLFLOW_PARENT_RUN_ID: parent_run_id, TRIAL_TAG: trial_id, STUDY_TAG: study,
-                     ROLE_TAG: "trial"},
-            "params": {p.key: p.value for p in _flat_params(config)}}
-
-
-class TrialLogger:
-    """Worker side: one trial's writes as records, handed to `sink` once per report (a
-    call that must not wait for the server: the study's relay stores them on disk)."""
-
-    def __init__(self, sink: Callable[[list[Record]], None], create: dict[str, Any]):
-        self.sink, self.trial = sink, create["trial"]
-        self._buf: list[Record] = [{"op": "run", "trial": self.trial, "create": create}]
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._buf.append(metrics_record(metrics, step, trial=self.trial))
-
-    def log_image(self, key: str, hwc: Any, step: int) -> None:
-        self._buf.append(image_record(key, hwc, step, self.trial))
-
-    def log_dict(self, d: dict[str, Any], name: str) -> None:
-        self._buf.append(dict_record(d, name, trial=self.trial))
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        self._buf.append(tags_record(tags, trial=self.trial))
-
-    def end(self, status: str, reason: str) -> None:
-        self._buf.append(end_record(status, reason, trial=self.trial))
-
-    def flush(self) -> None:
-        if self._buf:
-            batch, self._buf = sorted(self._buf, key=_order), []
-            self.sink(batch)
 
 
 # --- delivery ---

@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ray
 import torch
@@ -22,15 +22,16 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
 from study import images as img
 from study.config import FitSummary, StudyConfig, TrialConfig, trial_run_name
 from study.jobs import job_working_dir
-from study.space import OPTUNA_DB, SearchSpace, make_sampler, make_storage
 from study.paths import write_json
-from study.tracking import TrialLogger, end_record, run_create_info, tags_record
+from study.records import TrialLogger, end_record, run_create_info, tags_record
 from study.trial import Trial, run_trial
+
+if TYPE_CHECKING:
+    from study.space import SearchSpace
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CKPT_FILE = "trial.pt"
@@ -422,6 +423,12 @@ def build_tuner(s: StudyConfig, space: SearchSpace, ctx: StudyContext, gpus: flo
                 first_trial: int = 0) -> tune.Tuner:
     """`gpus`: per trial, as `gpus_per_trial` resolved it; `first_trial`: the number of the
     first trial (earlier ones belong to the study `extend` adds to)."""
+    # Imported here: a trial's worker imports this module for the trainable, and needs
+    # neither Optuna nor the search space.
+    from ray.tune.search.optuna import OptunaSearch
+
+    from study.space import OPTUNA_DB, make_sampler, make_storage
+
     search = OptunaSearch(space=space, metric=s.metric, mode=s.mode, sampler=make_sampler(s.seed),
                           storage=make_storage(s.study_dir / OPTUNA_DB), study_name=s.name)
     if s.max_concurrent:
@@ -430,7 +437,10 @@ def build_tuner(s: StudyConfig, space: SearchSpace, ctx: StudyContext, gpus: flo
         _trainable(s, ctx, gpus),
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search,
                                     scheduler=_scheduler(s), num_samples=s.num_samples,
-                                    trial_name_creator=TrialName(first_trial)),
+                                    trial_name_creator=TrialName(first_trial),
+                                    # One worker process runs trial after trial: a fresh
+                                    # process per trial (imports, runtime env) cost seconds.
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name="tune", storage_path=s.resolved_storage,
             callbacks=[EndRunsCallback(s.name, s.trial.iterations, s.scheduler, str(s.ended_file),

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from study.spool import Spool
-from study.tracking import (Courier, TrialLogger, end_record, metrics_record, run_create_info,
-                            tags_record)
+from study.records import TrialLogger, end_record, metrics_record, run_create_info, tags_record
+from study.tracking import Courier
 from studyutil import client, env, free_port
 
 

@@ -1,0 +1,122 @@
+"""Records: every MLflow write made after a study started, as plain data (no mlflow import,
+so a trial's worker never loads it). Trials and the driver hand batches of records to the
+study's relay (study/tune.py), which spools them and has study/tracking.py's Courier deliver
+them. Every trial record is keyed by the trial id; the courier finds or creates its run.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from study.spool import Record
+
+TRIAL_TAG = "dip.trial_id"
+STUDY_TAG = "dip.study"
+ROLE_TAG = "dip.role"          # "study" for the parent, "trial" for children
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for a child run
+MAX_PARAM_LEN = 6000           # MLflow's limit on a param value
+
+
+def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow params: dotted keys, lists as JSON, values cut to the limit."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_params(v, f"{prefix}{k}."))
+        else:
+            text = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+            out[prefix + k] = text[:MAX_PARAM_LEN]
+    return out
+
+
+def _numeric(m: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _target(run_id: str | None, trial: str | None) -> Record:
+    return {"run_id": run_id} if run_id else {"trial": trial}
+
+
+def metrics_record(m: dict[str, float], step: int, *, run_id: str | None = None,
+                   trial: str | None = None) -> Record:
+    return {"op": "metrics", **_target(run_id, trial), "step": int(step),
+            "ts": int(time.time() * 1000), "values": _numeric(m)}
+
+
+def tags_record(tags: dict[str, Any], *, run_id: str | None = None, trial: str | None = None) -> Record:
+    return {"op": "tags", **_target(run_id, trial), "tags": {k: str(v) for k, v in tags.items()}}
+
+
+def dict_record(d: dict[str, Any], name: str, *, run_id: str | None = None,
+                trial: str | None = None) -> Record:
+    return {"op": "dict", **_target(run_id, trial), "name": name, "data": d}
+
+
+def end_record(status: str, reason: str, *, run_id: str | None = None, trial: str | None = None,
+               if_open: bool = False) -> Record:
+    """`if_open`: leave a run that already ended as it is (the driver's view of a trial)."""
+    return {"op": "end", **_target(run_id, trial), "status": status, "reason": reason[:5000],
+            "if_open": if_open}
+
+
+def image_record(key: str, hwc: Any, step: int, trial: str) -> Record:
+    """An image as PNG (with a step, so the UI's slider shows it over training). Images are
+    the first records a full spool drops."""
+    from PIL import Image
+
+    a = np.asarray(hwc, dtype=np.float32)
+    a = (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a).save(buf, format="PNG")
+    return {"op": "image", "trial": trial, "key": key, "step": int(step),
+            "ts": int(time.time() * 1000), "png": base64.b64encode(buf.getvalue()).decode(),
+            "droppable": True}
+
+
+def _order(r: Record) -> int:
+    """Within one report: a step's images before its metrics (the `iteration` metric marks
+    the step delivered), and a run's end last."""
+    return {"metrics": 1, "end": 2}.get(r["op"], 0)
+
+
+def run_create_info(experiment_id: str, parent_run_id: str, study: str, trial_id: str,
+                    name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """What the courier needs to create a trial's run where none exists yet."""
+    return {"experiment_id": experiment_id, "name": name, "trial": trial_id,
+            "tags": {PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, STUDY_TAG: study,
+                     ROLE_TAG: "trial"},
+            "params": flat_params(config)}
+
+
+class TrialLogger:
+    """Worker side: one trial's writes as records, handed to `sink` once per report (a
+    call that must not wait for the server: the study's relay stores them on disk)."""
+
+    def __init__(self, sink: Callable[[list[Record]], None], create: dict[str, Any]):
+        self.sink, self.trial = sink, create["trial"]
+        self._buf: list[Record] = [{"op": "run", "trial": self.trial, "create": create}]
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._buf.append(metrics_record(metrics, step, trial=self.trial))
+
+    def log_image(self, key: str, hwc: Any, step: int) -> None:
+        self._buf.append(image_record(key, hwc, step, self.trial))
+
+    def log_dict(self, d: dict[str, Any], name: str) -> None:
+        self._buf.append(dict_record(d, name, trial=self.trial))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._buf.append(tags_record(tags, trial=self.trial))
+
+    def end(self, status: str, reason: str) -> None:
+        self._buf.append(end_record(status, reason, trial=self.trial))
+
+    def flush(self) -> None:
+        if self._buf:
+            batch, self._buf = sorted(self._buf, key=_order), []
+            self.sink(batch)
