@@ -149,8 +149,15 @@ def _scatter(rows: list[TrialRow], x: str, metric: str, path: Path, log: bool) -
     pts = [r for r in rows if r.value(metric) is not None and (x != "timestep" or r.timestep is not None)]
     if not pts:
         return False
+    with plt.style.context("default"):  # optuna's plots switch the global style to ggplot
+        _draw_scatter(pts, x, metric, path, log)
+    return True
+
+
+def _draw_scatter(pts: list[TrialRow], x: str, metric: str, path: Path, log: bool) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for k, mode in enumerate(m for m in NOISE_MODES if any(r.mode == m for r in pts)):
+    for mode in (m for m in NOISE_MODES if any(r.mode == m for r in pts)):
+        k = NOISE_MODES.index(mode)  # one colour per mode in every figure
         for done, marker in ((True, "o"), (False, "x")):
             sel = [r for r in pts if r.mode == mode and (r.state == "completed") == done]
             if sel:
@@ -164,7 +171,6 @@ def _scatter(rows: list[TrialRow], x: str, metric: str, path: Path, log: bool) -
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
 
 
 def _optuna_figures(study_dir: Path, name: str, out: Path) -> list[tuple[str, str]]:
@@ -284,7 +290,8 @@ def observation_check(rows: list[TrialRow], facts: list[ImageFacts]) -> tuple[fl
 
 
 def _darkness_sentence(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
-    """Is a DDPM input better than the reference's uniform input on darker images?"""
+    """Is a DDPM input better than a noise input (the reference's uniform, the Gaussian
+    ones) on darker images? The original experiment's claim, in numbers."""
     labels = [f.label for f in facts]
     if len(facts) < 2:
         return "One image only: the study cannot say how brightness matters."
@@ -293,17 +300,18 @@ def _darkness_sentence(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
         key = _image_key(HONEST, f.label, labels)
         done = [r for r in rows if r.state == "completed" and r.value(key) is not None]
         ddpm = [r.value(key) for r in done if r.mode in DDPM_MODES]
-        uni = [r.value(key) for r in done if r.mode == "uniform"]
+        uni = [r.value(key) for r in done if r.mode not in DDPM_MODES]
         if ddpm and uni:
             parts.append((f, statistics.median(ddpm) - statistics.median(uni)))
     if len(parts) < 2:
-        return ("Too few completed trials of the DDPM modes and of the uniform input to compare "
+        return ("Too few completed trials of the DDPM modes and of the noise inputs to compare "
                 "them per image.")
     text = "; ".join(f"{f.label} (brightness {f.brightness:.2f}): {d:+.2f} dB" for f, d in parts)
     darkest, brightest = parts[0][1], parts[-1][1]
     verdict = ("larger on the darkest image than on the brightest: consistent with the claim"
                if darkest > brightest else "not larger on the darkest image: the claim is not supported here")
-    return (f"Median {HONEST} of the DDPM-input trials minus that of the uniform-input trials, "
+    return (f"Median {HONEST} of the DDPM-input trials minus that of the noise-input trials "
+            f"(uniform, gaussian, gaussian_resample), "
             f"per image (completed trials): {text}. The DDPM advantage is {verdict}.")
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -92,7 +93,8 @@ def _chromium() -> str | None:
 
 
 def test_ui_shows_the_study_in_a_browser(study, tmp_path):
-    """`run_study.py ui` serves the study's store; headless Chromium renders its runs."""
+    """`run_study.py ui` serves the study's store and prints each study's link; headless
+    Chromium renders its runs. DIP_SCREENSHOTS=docs/images keeps the README's screenshots."""
     root, _ = study
     browser = _chromium()
     if browser is None:
@@ -103,6 +105,8 @@ def test_ui_shows_the_study_in_a_browser(study, tmp_path):
                           text=True, start_new_session=True)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", ui)
+        printed = [ui.stdout.readline() for _ in range(3)]
+        link = next(line.split(": ", 1)[1].strip() for line in printed if line.strip().startswith("e2e: "))
         c = client(f"sqlite:///{root}/mlflow.db")
         exp_id = c.get_experiment_by_name("e2e").experiment_id
         child = next(r for r in c.search_runs([exp_id]) if r.data.tags.get("dip.role") == "trial"
@@ -119,8 +123,15 @@ def test_ui_shows_the_study_in_a_browser(study, tmp_path):
 
         runs_page = dom(f"{base}/runs")
         run_page = dom(f"{base}/runs/{child.info.run_id}")
-        subprocess.run([browser, *flags, f"--screenshot={tmp_path / 'ui.png'}", f"{base}/runs"],
-                       capture_output=True, timeout=180)
+        link_page = dom(link)
+        shots = Path(os.environ.get("DIP_SCREENSHOTS") or tmp_path).absolute()
+        shots.mkdir(parents=True, exist_ok=True)
+        for name, url, size in (("ui_study_link.png", link, "1400,560"),
+                                ("ui_trial_images.png", f"{base}/runs/{child.info.run_id}/model-metrics", "1400,1500")):
+            # More virtual time than the DOM checks: the charts and images must finish loading.
+            shot = [f for f in flags if not f.startswith(("--virtual-time-budget", "--window-size"))]
+            subprocess.run([browser, *shot, "--virtual-time-budget=60000", f"--window-size={size}", "--hide-scrollbars",
+                            f"--screenshot={shots / name}", url], capture_output=True, timeout=180)
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
@@ -129,7 +140,11 @@ def test_ui_shows_the_study_in_a_browser(study, tmp_path):
     assert "Training runs" in runs_page and ">study<" in runs_page, runs_page[-2000:]
     assert re.search(r">7<(?:[^>]*>){0,6}\s*matching runs", runs_page), "the table should count 7 runs"
     assert child.info.run_name in run_page and "psnr_ema" in run_page
-    assert (tmp_path / "ui.png").stat().st_size > 10_000
+    # The printed link: the trial runs only (6, no parent), sorted by the study's metric.
+    assert f"/#/experiments/{exp_id}/runs?" in link and "orderByKey=metrics.%60psnr_ema%60" in link
+    assert re.search(r">6<(?:[^>]*>){0,6}\s*matching runs", link_page), "the link should show the 6 trials"
+    assert ">study<" not in link_page and "Sort: psnr_ema" in link_page.replace("<!-- -->", "")
+    assert all((shots / n).stat().st_size > 10_000 for n in ("ui_study_link.png", "ui_trial_images.png"))
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
