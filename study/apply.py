@@ -166,6 +166,17 @@ class WindowVariance:
         return max(0.0, (self.s2 / n - float((self.s1 / n).pow(2).sum())) / x.numel())
 
 
+WMV_PIXELS = 65536  # ES-WMV keeps `window` outputs: of a large image, block means of it
+
+
+def _thumbnail(x: torch.Tensor) -> torch.Tensor:
+    """`x` as block means with at most about WMV_PIXELS pixels, so the window of outputs
+    stays small for a photo of many megapixels (variance of block means tracks the same
+    drift of the output; small images are used as they are)."""
+    k = math.ceil(math.sqrt(x.shape[-2] * x.shape[-1] / WMV_PIXELS))
+    return x if k <= 1 else F.avg_pool2d(x, k, ceil_mode=True)
+
+
 @dataclass
 class Problem:
     """What the network fits: the padded observation and the loss weights."""
@@ -224,7 +235,7 @@ def fit(cfg: TrialConfig, prob: Problem, opts: ApplyOptions, device: torch.devic
         num = (1 - cfg.ema_weight) * x if num is None else cfg.ema_weight * num + (1 - cfg.ema_weight) * x
         ema = num / (1 - cfg.ema_weight**it)  # bias-corrected: weights sum to one
         if wmv is not None:
-            var = wmv.add(x)
+            var = wmv.add(_thumbnail(x))
             if var is not None and var < best["var"]:
                 best = {"var": var, "iteration": it, "image": ema.clone()}
         if it % cfg.report_every == 0 or it == total:
