@@ -33,6 +33,9 @@ def _run(capsys, root, *args):
     (["--storage", "relative/dir"], "storage 'relative/dir' must be an absolute path"),
     (["--config", "/no/such.json"], "cannot read config file '/no/such.json'"),
     (["--space", "/no/such.yaml"], "cannot read space file '/no/such.yaml'"),
+    (["--max-failures", "-1"], "max_failures = -1 is out of range; allowed: [0, 1000]"),
+    (["--checkpoint-every", "-3"], "checkpoint_every = -3 is out of range"),
+    (["--reduction-factor", "1"], "reduction_factor = 1 is out of range; allowed: [2, 100]"),
 ])
 def test_bad_argument(capsys, tmp_path, args, message):
     code, err = _run(capsys, tmp_path / "root", *BASE, *args)
@@ -106,3 +109,15 @@ def test_address_auto_without_a_cluster_is_refused(capsys, tmp_path):
     code, err = _run(capsys, tmp_path / "root", *BASE, "--address", "auto")
     assert code == 2 and "cannot connect to the Ray cluster at 'auto'" in err, err
     assert not (tmp_path / "root").exists()
+
+
+def test_study_flags_show_their_real_defaults():
+    """Study flags are generated from StudyConfig: help shows the dataclass's defaults."""
+    from study.config import StudyConfig
+
+    text = run_study.make_parser()._subparsers._group_actions[0].choices["run"].format_help()
+    defaults = StudyConfig(name="x", root="/r")
+    for flag, value in [("--reduction-factor", defaults.reduction_factor),
+                        ("--max-failures", defaults.max_failures), ("--num-samples", defaults.num_samples)]:
+        block = text.split("study settings", 1)[1].split(flag, 1)[1].split("\n  --", 1)[0]
+        assert f"[{value}]" in " ".join(block.split()), (flag, block)
