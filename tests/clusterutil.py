@@ -100,11 +100,17 @@ class Service:
     env: dict[str, str]
     proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def launch(self) -> None:
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+
+    def wait(self) -> None:
         wait_http(self.url, self.proc, self.log)
+
+    def start(self) -> None:
+        self.launch()
+        self.wait()
 
     def stop(self) -> None:
         """SIGTERM its process group (the server and its workers), SIGKILL after 10 s."""
@@ -212,10 +218,13 @@ class Cluster:
             c.x = _claim_subnet()
             c.marker = f"dipc{c.x}-{secrets.token_hex(4)}"
             c._network(n_workers)
-            c._services()
+            c._services()  # launched first: they start while Ray does
             c._head()
-            for w in c.workers:
-                c.start_worker(w)
+            workers = [c._spawn_worker(w) for w in c.workers]
+            c.s3.wait()
+            c.s3_client().create_bucket(Bucket=BUCKET)
+            c._join_workers(workers)
+            c.mlflow.wait()
             c.wait_nodes(1 + n_workers)
         except BaseException:
             c.down()
@@ -238,14 +247,13 @@ class Cluster:
                 sh("ip", "netns", "exec", w.ns, "ip", *cmd)
 
     def _services(self) -> None:
-        """The S3 server and the MLflow server, both on the head's bridge address only."""
+        """Launch the S3 server and the MLflow server, both on the head's bridge address only."""
         self.base.mkdir(parents=True, exist_ok=True)
         port = free_port(self.head_ip)
         self.s3 = Service("s3", [MOTO, "-H", self.head_ip, "-p", str(port)],
                           f"http://{self.head_ip}:{port}", self.base / "moto.log",
                           env(DIPC_CLUSTER=self.marker))
-        self.s3.start()
-        self.s3_client().create_bucket(Bucket=BUCKET)
+        self.s3.launch()
         port = free_port(self.head_ip)
         # No --allowed-hosts: the trials send Host: 10.231.X.1:PORT, a private address that
         # MLflow 3's host check accepts by default (a DNS name would need --allowed-hosts).
@@ -255,7 +263,7 @@ class Cluster:
             "--artifacts-destination", str(self.base / "mlflow-artifacts"), "--workers", "1"],
             f"http://{self.head_ip}:{port}/health", self.base / "mlflow.log",
             env(DIPC_CLUSTER=self.marker))
-        self.mlflow.start()
+        self.mlflow.launch()
 
     def _head(self) -> None:
         """The Ray head on the bridge address, every port of its own (others run Ray here)."""
@@ -274,6 +282,9 @@ class Cluster:
             raise RuntimeError(f"ray head did not start: {r.stderr[-2000:]}")
 
     def start_worker(self, w: Worker) -> None:
+        self._join_workers([self._spawn_worker(w)])
+
+    def _spawn_worker(self, w: Worker) -> tuple[Worker, subprocess.Popen]:
         """`ray start` inside the worker's netns and a fresh mount namespace whose /tmp is a
         private tmpfs: Ray's temp dir, HOME and the working folder live there."""
         temp = f"/tmp/dipc{self.x}w{w.index}"
@@ -281,11 +292,17 @@ class Cluster:
                   f'cd {temp}/work && exec "$0" "$@"')
         args = [RAY, "start", f"--address={self.address}", f"--node-ip-address={w.ip}",
                 "--num-cpus=1", f"--temp-dir={temp}/ray", "--disable-usage-stats"]
-        r = subprocess.run(["ip", "netns", "exec", w.ns, "unshare", "--mount", "--propagation",
-                            "private", "sh", "-c", script, *args], capture_output=True, text=True,
-                           env=self.env(HOME=f"{temp}/home", TMPDIR="/tmp"), timeout=180)
-        if r.returncode:
-            raise RuntimeError(f"worker {w.ns} did not start: {r.stderr[-2000:]}")
+        return w, subprocess.Popen(
+            ["ip", "netns", "exec", w.ns, "unshare", "--mount", "--propagation", "private", "sh",
+             "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=self.env(HOME=f"{temp}/home", TMPDIR="/tmp"))
+
+    @staticmethod
+    def _join_workers(started: list[tuple[Worker, subprocess.Popen]]) -> None:
+        for w, proc in started:
+            _, err = proc.communicate(timeout=180)
+            if proc.returncode:
+                raise RuntimeError(f"worker {w.ns} did not start: {err[-2000:]}")
 
     def restart_worker(self, w: Worker) -> None:
         w.kill_all()

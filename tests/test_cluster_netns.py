@@ -2,7 +2,8 @@
 on the host, two worker nodes each in its own network and mount namespace, the MLflow server
 and an S3 server (moto) reached by the head's bridge address, the driver on the host with
 --storage s3://. Then the faults of a real cluster: the driver killed, a worker node killed
-mid-trial, the MLflow server away. Needs root; about 5 minutes here.
+mid-trial, the MLflow server away. Needs root; 5 to 10 minutes on this 2-core machine,
+depending on its load (figures in docs/cluster.md).
 
 DIP_OUTAGE_S sets the MLflow outage of test_mlflow_outage_loses_nothing [20]; docs/cluster.md
 has a manual run with 300.
