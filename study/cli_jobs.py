@@ -115,18 +115,20 @@ def _validate(command: str, ns: argparse.Namespace) -> tuple[str, str]:
     if command != "run":
         return ns.study, ns.root
     from run_study import build_study
+    from study.cli_answer import apply_preset
     from study.config import BUNDLED_IMAGES
-    from study.images import preflight
-    from study.space import load_space
 
-    s = build_study(ns)
-    load_space(s.space_file or None, s.trial)
-    preflight(s.trial)
+    s = build_study(apply_preset(ns))
     for image in s.trial.images:
         if image not in BUNDLED_IMAGES:
             _inside_project(image, "image")
     if s.space_file:
         _inside_project(s.space_file, "space file")
+    from study.images import preflight  # torch: only once the cheap checks passed
+    from study.space import load_space
+
+    load_space(s.space_file or None, s.trial)
+    preflight(s.trial)
     return s.name, s.root
 
 
@@ -225,6 +227,18 @@ def _short_number(v: str) -> str:
         return v
 
 
+def _busy(trials: Any, now: float) -> float:
+    """Seconds during which at least one trial ran: the study's time, without the gaps
+    between a stop and its resume or between `extend`s."""
+    spans = sorted((t.start, t.end or now) for t in trials if t.start)
+    total, reach = 0.0, 0.0
+    for start, end in spans:
+        start = max(start, reach)
+        if end > start:
+            total, reach = total + end - start, end
+    return total
+
+
 def progress_lines(view: Any, now: float) -> list[str]:
     """Trials by state, the best so far, iterations per second and an ETA."""
     counts = {k: sum(t.status == k for t in view.trials) for k in ("FINISHED", "RUNNING", "FAILED", "KILLED")}
@@ -237,10 +251,10 @@ def progress_lines(view: Any, now: float) -> list[str]:
                  if best else f"best so far: no trial has reported {metric} yet")
     iterations = int(view.params.get("trial.iterations", 0))
     done = sum(int(t.metrics.get("iteration", 0)) for t in view.trials)
-    elapsed = (view.end if view.status != "RUNNING" and view.end else now) - view.start
+    elapsed = _busy(view.trials, now)
     if done and elapsed > 0:
         rate = done / elapsed
-        line = f"speed: {rate:.1f} iterations/s over {_duration(elapsed)} ({done} iterations)"
+        line = f"speed: {rate:.1f} iterations/s over {_duration(elapsed)} of trials running ({done} iterations)"
         if view.status == "RUNNING":
             running = [t for t in view.trials if t.status == "RUNNING"]
             left = pending * iterations + sum(max(0, iterations - int(t.metrics.get("iteration", 0)))
@@ -299,8 +313,8 @@ def cmd_stop(ns: argparse.Namespace) -> int:
     job = cluster.latest(ns.study)
     if job.terminal:
         raise ValueError(f"study {ns.study!r} has no running job: its latest, {job.id}, ended {job.status}")
-    print(f"stopping job {job.id}: the study ends its trials cleanly (up to {STOP_WAIT_S} s)...", flush=True)
-    job = cluster.stop(job.id, timeout=STOP_WAIT_S + 60)
+    print(f"stopping job {job.id}: the study ends its trials cleanly (up to {job.stop_wait} s)...", flush=True)
+    job = cluster.stop(job.id, timeout=job.stop_wait + 60)
     if not job.terminal:
         return _error(ValueError(f"job {job.id} is still {job.status}; see `logs {ns.study}`"), code=1)
     print(f"job {job.id}: {job.status}. Continue the study with:\n  "

@@ -28,6 +28,7 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STUDY_KEY, ROOT_KEY, URI_KEY, COMMAND_KEY = "dip.study", "dip.root", "dip.tracking_uri", "dip.command"
+STOP_WAIT_KEY = "dip.stop_wait"
 # Seconds between the stop signal and SIGKILL: Tune stops its trials and saves its state,
 # then the service ends the MLflow runs (a few seconds on a CPU; more with many trials or
 # a slow store). Ray's default, 3 s, would SIGKILL in the middle of that.
@@ -75,6 +76,7 @@ class Job:
     root: str                    # the study's --root on the cluster
     tracking_uri: str            # as the cluster sees it ('' : sqlite under root)
     command: str                 # run, resume or extend
+    stop_wait: int               # seconds the job server waits for a clean stop
 
     @property
     def terminal(self) -> bool:
@@ -87,7 +89,7 @@ def _job(d: Any) -> Job:
                status=str(getattr(d.status, "value", d.status)), message=d.message or "",
                start=(d.start_time or 0) / 1000, end=(d.end_time or 0) / 1000,
                root=meta.get(ROOT_KEY, ""), tracking_uri=meta.get(URI_KEY, ""),
-               command=meta.get(COMMAND_KEY, ""))
+               command=meta.get(COMMAND_KEY, ""), stop_wait=int(meta.get(STOP_WAIT_KEY) or STOP_WAIT_S))
 
 
 def _token_available() -> bool:
@@ -112,6 +114,10 @@ class Cluster:
             os.environ["RAY_AUTH_MODE"] = "token"
         from ray.exceptions import AuthenticationError
         from ray.job_submission import JobSubmissionClient
+
+        # Not a line per packaged file on submit, nor a WebSocket note after `logs --follow`.
+        for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
         try:
             self.client = JobSubmissionClient(self.url)
@@ -151,14 +157,13 @@ class Cluster:
         """Start `python run_study.py ARGV` as a job with this project as its working_dir."""
         from study.tune import RUNTIME_EXCLUDES
 
-        for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):  # not a line per packaged file
-            logging.getLogger(name).setLevel(logging.ERROR)
         job_id = f"dip-{study}-{time.strftime('%Y%m%d-%H%M%S')}"
         env = {"RAY_JOB_STOP_WAIT_TIME_S": str(stop_wait), "PYTHONUNBUFFERED": "1"}
         return self._call(
             self.client.submit_job, entrypoint=shlex.join([python, "run_study.py", *argv]), submission_id=job_id,
             runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": RUNTIME_EXCLUDES, "env_vars": env},
-            metadata={STUDY_KEY: study, ROOT_KEY: root, URI_KEY: tracking_uri, COMMAND_KEY: command})
+            metadata={STUDY_KEY: study, ROOT_KEY: root, URI_KEY: tracking_uri, COMMAND_KEY: command,
+                      STOP_WAIT_KEY: str(stop_wait)})
 
     def logs(self, job_id: str) -> str:
         return self._call(self.client.get_job_logs, job_id)

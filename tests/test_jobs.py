@@ -17,6 +17,7 @@ from typing import Callable
 
 import pytest
 
+from faults import HOOK
 from studyutil import ROOT, check_study, cli, client, env, free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -55,7 +56,12 @@ def head():
     d = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's socket paths are limited
     token = d / "token"
     token.write_text(secrets.token_hex(32))
-    e = env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    # The head's environment reaches the jobs' trial workers: the first trial to report
+    # iteration 60 pauses there (tests/faults.py), so `stop` lands mid-trial on any machine.
+    faults = d / "faults"
+    faults.mkdir()
+    e = env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), **HOOK,
+            DIP_FAULT_PAUSE="report:60", DIP_FAULT_DIR=str(faults))
     dash = free_port()
     ports = {"port": free_port(), "dashboard-agent-listen-port": free_port(),
              "dashboard-agent-grpc-port": free_port(), "runtime-env-agent-port": free_port(),
@@ -70,7 +76,7 @@ def head():
     url = f"http://127.0.0.1:{dash}"
     try:
         _wait_for_dashboard(url, proc, log, e)
-        yield url, {"RAY_AUTH_TOKEN_PATH": str(token)}
+        yield url, {"RAY_AUTH_TOKEN_PATH": str(token)}, faults
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -98,31 +104,25 @@ def _follow(url: str, auth: dict, name: str) -> str:
     return r.stdout
 
 
-def _wait_for_progress(root: Path, name: str, logs: Callable[[], str], timeout: float = 240) -> None:
-    """Until a trial has logged past its first checkpoint (every 3 reports: the default
-    for 300 iterations, 10 per report). The store is read only once the study wrote
-    study.json: opening a new sqlite store would race the driver creating it."""
-    deadline, c = time.time() + timeout, None
-    while time.time() < deadline:
-        if (root / name / "study.json").is_file():
-            c = c or client(f"sqlite:///{root}/mlflow.db")
-            exp = c.get_experiment_by_name(name)
-            runs = c.search_runs([exp.experiment_id], "tags.`dip.role` = 'trial'")
-            if any(r.info.status == "RUNNING" and r.data.metrics.get("iteration", 0) >= 50 for r in runs):
-                return
-        time.sleep(1)
-    raise AssertionError("the study made no progress in time:\n" + logs()[-3000:])
+def _wait_for_pause(faults: Path, logs: Callable[[], str], timeout: float = 240) -> str:
+    """Until a trial paused at iteration 60 (its checkpoints at 20, 40, 60 written); returns its id."""
+    deadline = time.time() + timeout
+    while not (faults / "paused").exists():
+        assert time.time() < deadline, "no trial reached iteration 60 in time:\n" + logs()[-3000:]
+        time.sleep(0.5)
+    time.sleep(2)  # its report reaches the driver and MLflow
+    return (faults / "paused").read_text().split()[0]
 
 
 @pytest.mark.slow
 def test_submit_status_stop_resume_follow(head, tmp_path):
     """One study through every command: submitted, watched, stopped mid-trial as Ctrl-C
     stops a local one, resumed through `submit resume`, followed to its end."""
-    url, auth = head
+    url, auth, faults = head
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    _submit(url, auth, "run", "--name", "jk", "--root", str(tmp_path), "--iterations", "300", *TRIALS,
+    _submit(url, auth, "run", "--name", "jk", "--root", str(tmp_path), "--iterations", "200", *TRIALS,
             "--num-samples", "2")
-    _wait_for_progress(tmp_path, "jk", lambda: cli("logs", "jk", "--cluster", url, **auth).stdout)
+    paused = _wait_for_pause(faults, lambda: cli("logs", "jk", "--cluster", url, **auth).stdout)
     r = cli("status", "jk", "--cluster", url, **auth)
     assert r.returncode == 0 and "RUNNING" in r.stdout and "of 2 asked" in r.stdout, r.stdout + r.stderr
     assert "iterations/s" in r.stdout and "ETA at most" in r.stdout
@@ -136,16 +136,17 @@ def test_submit_status_stop_resume_follow(head, tmp_path):
     runs = c.search_runs([c.get_experiment_by_name("jk").experiment_id])
     assert all(x.info.status in ("FINISHED", "KILLED") for x in runs), [x.info.status for x in runs]
     killed = [x for x in runs if x.data.tags.get("dip.role") == "trial" and x.info.status == "KILLED"]
-    assert killed and [x for x in runs if x.data.tags.get("dip.role") == "study"][0].info.status == "KILLED"
+    assert paused in {x.data.tags["dip.trial_id"] for x in killed}, "the stopped trial waits for resume"
+    assert [x for x in runs if x.data.tags.get("dip.role") == "study"][0].info.status == "KILLED"
 
     _submit(url, auth, "resume", "jk", "--root", str(tmp_path))
     out = _follow(url, auth, "jk")
     assert "study 'jk' finished" in out and "SUCCEEDED" in out, out[-3000:]
-    _, children = check_study(uri, "jk", n=2, iterations=300)  # the guarantees of a local study
+    _, children = check_study(uri, "jk", n=2, iterations=200)  # the guarantees of a local study
     after = {x.info.run_id: x for x in children}
     for k in killed:  # went on in its own run from its checkpoint
         assert after[k.info.run_id].info.status == "FINISHED"
-        assert int(after[k.info.run_id].data.tags["dip.resumed_from"]) >= 30
+        assert int(after[k.info.run_id].data.tags["dip.resumed_from"]) >= 20
 
     r = cli("status", "jk", "--cluster", url, **auth)
     assert r.returncode == 0, r.stderr
@@ -163,7 +164,7 @@ def test_submit_status_stop_resume_follow(head, tmp_path):
 
 @pytest.mark.slow
 def test_bad_input_is_one_sentence(head, tmp_path):
-    url, auth = head
+    url, auth, _ = head
 
     def refused(*args: str, code: int = 2, **extra: str) -> str:
         r = cli(*args, **{**auth, **extra})
