@@ -111,18 +111,20 @@ def whole_steps(iterations: int, every: int = 10) -> list[int]:
 # --- the tests ---
 
 def test_study_on_two_worker_nodes_with_s3_storage(live, tmp_path):
-    # Two trials at once fill both 1-CPU workers: one runs on each.
-    r = live.cli("run", "--name", "s3a", "--root", str(tmp_path), "--num-samples", "2",
-                 "--scheduler", "fifo", *live.study_flags("s3a"), *TINY)
+    # Trials long enough to overlap: while one holds a worker's only CPU, the next one
+    # must start on the other worker.
+    r = live.cli("run", "--name", "s3a", "--root", str(tmp_path), "--num-samples", "3",
+                 "--scheduler", "fifo", *live.study_flags("s3a"), *TINY, "--iterations", "200",
+                 "--image-every", "100")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    _, children = check_study(live.tracking_uri, "s3a", n=2)
+    _, children = check_study(live.tracking_uri, "s3a", n=3, iterations=200)
     ips = live.node_ips()
     ran_on = {ips[c.data.tags["dip.node_id"]] for c in children}
     assert ran_on == {w.ip for w in live.workers}, f"trials ran on {ran_on}"
     keys = live.s3_keys("s3a/")
     assert any(re.search(r"^s3a/tune/experiment_state-.*\.json$", k) for k in keys), keys
     results = {k.split("/")[2] for k in keys if k.endswith("/result.json")}
-    assert len(results) == 2, f"{len(results)} trial folders with a result.json on S3: {keys}"
+    assert len(results) == 3, f"{len(results)} trial folders with a result.json on S3: {keys}"
     ckpts = [k for k in keys if re.search(r"/checkpoint_\d+/trial\.pt$", k)]
     assert ckpts, f"no checkpoint on S3: {keys}"
     # Nothing of Ray on the driver's disk: the study folder holds the service's own files.
