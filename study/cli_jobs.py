@@ -104,14 +104,19 @@ def _inside_project(path: str, what: str) -> None:
                          "copy it there or use a bundled image")
 
 
+def _check_added(n: int) -> None:
+    if n <= 0:
+        raise ValueError(f"--num-samples {n} is not a number of trials to add; allowed: 1 or more")
+
+
 def _validate(command: str, ns: argparse.Namespace) -> tuple[str, str]:
     """The refusals of a local `run`/`resume`/`extend` that do not need the cluster's disk;
     returns (study name, root)."""
     if ns.root is None or not os.path.isabs(ns.root):
         raise ValueError(f"submit needs --root as an absolute folder on the cluster's head (got {ns.root!r}), "
                          "e.g. --root /home/ubuntu/studies")
-    if command == "extend" and ns.num_samples <= 0:
-        raise ValueError(f"--num-samples {ns.num_samples} is not a number of trials to add; allowed: 1 or more")
+    if command == "extend":
+        _check_added(ns.num_samples)
     if command != "run":
         return ns.study, ns.root
     from run_study import build_study
@@ -379,6 +384,9 @@ def _list_rows(ns: argparse.Namespace) -> list[str]:
 
 def cmd_extend(ns: argparse.Namespace) -> int:
     from run_study import _root
+
+    root = _root(ns)
+    _check_added(ns.num_samples)  # before importing the service (torch, Ray): a quick refusal
     from study import service
 
-    return service.extend(_root(ns), ns.study, ns.num_samples, ns.address or "")
+    return service.extend(root, ns.study, ns.num_samples, ns.address or "")
