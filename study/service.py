@@ -277,7 +277,8 @@ def extend(root: str, name: str, n: int, address: str = "") -> int:
         stage = {"study": s.to_dict(), "added": n, "first_trial": first,
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json(s.study_dir / STUDY_FILE, {**meta, "extensions": [*(meta.get("extensions") or []), stage]})
-        print(f"study {name!r}: {n} more trials (trial_{first:04d} on), {s.num_samples} in all", flush=True)
+        print(f"study {name!r}: {n} more trial{'s' if n > 1 else ''} (trial_{first:04d} on), "
+              f"{s.num_samples} in all", flush=True)
         tuner = st.build_tuner(dataclasses.replace(s, num_samples=n), space,
                                _context(s, meta["experiment_id"], parent), gpus, first_trial=first)
         return _fit_and_finish(s, tracker, parent, tuner, list(meta["space"]))
