@@ -122,8 +122,9 @@ class Cluster:
         try:
             self.client = JobSubmissionClient(self.url)
         except AuthenticationError:
-            raise ValueError(f"the cluster at {self.url} requires Ray's token: set RAY_AUTH_MODE=token and "
-                             "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the head's `ray get-auth-token`") from None
+            raise ValueError(f"the cluster at {self.url} requires Ray's token and did not get the right one: set "
+                             "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, a file) to what `ray get-auth-token` prints "
+                             "on the head, and RAY_AUTH_MODE=token if it is set to something else") from None
         except (ConnectionError, RuntimeError, OSError) as e:
             raise ValueError(f"cannot reach the Ray job server at {self.url}: {str(e).splitlines()[0]}") from None
 
