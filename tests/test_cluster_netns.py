@@ -42,10 +42,12 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture
 def live(cluster):
-    """The cluster with both workers up (a test before may have killed one)."""
+    """The cluster with both workers and MLflow up (a test before may have stopped one)."""
     for w in cluster.workers:
         if w.raylet_pid() is None:
             cluster.restart_worker(w)
+    if cluster.mlflow.proc.poll() is not None:
+        cluster.mlflow.start()
     return cluster
 
 
@@ -163,8 +165,10 @@ def test_mlflow_outage_loses_nothing(live, tmp_path):
                                           for r in trial_runs(live.tracking_uri, "s3d")), proc, log)
     live.mlflow.stop()
     down = time.time()
-    time.sleep(OUTAGE_S)
-    live.mlflow.start()
+    try:
+        time.sleep(OUTAGE_S)
+    finally:
+        live.mlflow.start()  # same store, same port
     up = time.time()
     out = finish(proc, log, timeout=300 + OUTAGE_S)
     ended = time.time()
