@@ -22,6 +22,7 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
 from study import images as img
 from study.config import FitSummary, StudyConfig, TrialConfig, trial_run_name
@@ -207,10 +208,28 @@ def _load_state() -> dict[str, Any] | None:
     ckpt = tune.get_checkpoint()
     if ckpt is None:
         return None
+    ckpt = _newest_checkpoint(ckpt)
     with ckpt.as_directory() as d:
         # weights_only: a checkpoint is tensors, numbers and strings; whoever can write the
         # storage must not be able to run code on the workers by unpickling.
         return torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=True)
+
+
+def _newest_checkpoint(ckpt: tune.Checkpoint) -> tune.Checkpoint:
+    """After a killed driver, Tune's saved experiment state lags the trials: the checkpoint
+    it names may have been rotated away (num_to_keep) for newer ones. Then take the newest
+    checkpoint of the trial still in the storage: it is later, never earlier."""
+    import pyarrow.fs as pafs
+
+    fs = ckpt.filesystem
+    if fs.get_file_info(ckpt.path).type != pafs.FileType.NotFound:
+        return ckpt
+    parent = ckpt.path.rstrip("/").rsplit("/", 1)[0]
+    found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(parent))
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    if not found:
+        raise FileNotFoundError(f"no checkpoint left under {parent}")
+    return tune.Checkpoint(found[-1], filesystem=fs)
 
 
 def _log_images(log: TrialLogger, trial: Trial, step: int, final: bool) -> None:
@@ -407,6 +426,20 @@ def _trainable(s: StudyConfig, ctx: StudyContext, gpus: float) -> Any:
     return tune.with_resources(tune.with_parameters(dip_trainable, ctx=ctx), resources)
 
 
+class ResumableOptunaSearch(OptunaSearch):
+    """After a killed driver, Tune's saved state lags Optuna's storage (optuna.db is written
+    at once): a trial the state calls running may be finished there already, and its
+    replayed results are no news to Optuna, which refuses them."""
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        try:
+            super().on_trial_result(trial_id, result)
+        except Exception as e:
+            if type(e).__name__ != "UpdateFinishedTrialError":
+                raise
+            self._completed_trials.add(trial_id)  # its completion is recorded already
+
+
 class TrialName:
     """Trials numbered through the whole study, `extend` going on from `first`: Tune's
     experiment tag starts with the trial's 1-based count in this experiment."""
@@ -423,13 +456,9 @@ def build_tuner(s: StudyConfig, space: SearchSpace, ctx: StudyContext, gpus: flo
                 first_trial: int = 0) -> tune.Tuner:
     """`gpus`: per trial, as `gpus_per_trial` resolved it; `first_trial`: the number of the
     first trial (earlier ones belong to the study `extend` adds to)."""
-    # Imported here: a trial's worker imports this module for the trainable, and needs
-    # neither Optuna nor the search space.
-    from ray.tune.search.optuna import OptunaSearch
-
     from study.space import OPTUNA_DB, make_sampler, make_storage
 
-    search = OptunaSearch(space=space, metric=s.metric, mode=s.mode, sampler=make_sampler(s.seed),
+    search = ResumableOptunaSearch(space=space, metric=s.metric, mode=s.mode, sampler=make_sampler(s.seed),
                           storage=make_storage(s.study_dir / OPTUNA_DB), study_name=s.name)
     if s.max_concurrent:
         search = ConcurrencyLimiter(search, max_concurrent=s.max_concurrent)
