@@ -3,7 +3,9 @@
 
     python run_study.py                  a small study on this machine (embedded defaults)
     python run_study.py train ...        one trial, no Ray, no MLflow
-    python run_study.py run|resume|export|ui ...   see --help
+    python run_study.py run|resume|export|ui ...   a study on this machine or a cluster
+    python run_study.py report|apply ...           the answer: a report, a restored image
+    python run_study.py submit|status|logs|stop|list|extend ...   a study on a cluster, by name
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 from study.cliargs import add_config_flags, add_study_flags, build_config, study_overrides
 from study.config import BUNDLED_IMAGES, StudyConfig
 from study.cli_answer import add_answer_parsers, apply_preset, study_links
+from study.cli_jobs import add_parsers as add_job_parsers
 from study.paths import check_writable
 
 
@@ -176,7 +179,7 @@ def make_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _service_parsers(sub)
     add_answer_parsers(sub)  # report, apply, run --preset (study/cli_answer.py)
-    __import__("study.cli_jobs").cli_jobs.add_parsers(sub)  # submit, status, logs, stop, list, extend
+    add_job_parsers(sub)  # submit, status, logs, stop, list, extend (study/cli_jobs.py)
     return p
 
 
