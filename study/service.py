@@ -164,6 +164,7 @@ def _fit_and_finish(s: StudyConfig, tracker: Any, parent: str, tuner: Any, searc
               f"{_cmd('resume', s.name, '--root', s.root)}", flush=True)
         return 130
     _print_done(s, best, summary, searched)
+    write_report(s.root, s.name)  # the study's answer, also under the parent run's report/
     return 0
 
 
@@ -294,7 +295,7 @@ def write_report(root: str, name: str) -> Path | None:
 
     try:
         path = report.make_report(root, name)
-    except (ValueError, OSError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - a report that fails must not fail a finished study
         print(f"no report ({e}); retry with: {_cmd('report', name, '--root', root)}", flush=True)
         return None
     print(f"report: {path}", flush=True)
