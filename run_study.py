@@ -128,8 +128,8 @@ def cmd_export(ns: argparse.Namespace) -> int:
         best = service.export_study(_root(ns), ns.study, out)
     except ValueError as e:
         return _user_error(e)
-    print(f"exported trial {best['trial_id']} ({best['metric']} = {best['value']:.4f}, "
-          f"MLflow run {best['mlflow_run_id']}) to {out}")
+    print(f"exported trial {best.trial_id} ({best.metric} = {best.value:.4f}, "
+          f"MLflow run {best.mlflow_run_id}) to {out}")
     return 0
 
 

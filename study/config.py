@@ -391,3 +391,24 @@ def trial_run_name(cfg: TrialConfig, searched: list[str]) -> str:
             continue
         parts.append(f"{RUN_NAME_LABELS.get(name, name)}={_run_name_value(getattr(cfg, name))}")
     return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class BestTrial:
+    """A study's best trial as exported (best.json) and recorded on the parent run; its
+    `config` is what `train --config` and `apply --config` replay."""
+
+    study: str                   # the study's name
+    metric: str                  # the study's objective
+    mode: str                    # max or min
+    value: float                 # the objective's value at the trial's last report
+    trial_id: str                # Ray Tune's trial id (MLflow tag dip.trial_id)
+    mlflow_run_id: str           # the trial's child run
+    completed: bool              # ran all its iterations (else stopped early: a fallback)
+    tracking_uri: str            # where the run is
+    metrics: dict[str, float]    # every metric of the trial's last report
+    config: dict[str, Any]       # the trial's complete TrialConfig
+    exported_at: str             # local time of the export
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

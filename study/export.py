@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from study.config import StudyConfig
+from study.config import BestTrial, StudyConfig
 from study.paths import write_json
 
 
@@ -30,20 +30,17 @@ def pick_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str,
     return None
 
 
-def best_trial(tracker: Any, s: StudyConfig) -> dict[str, Any] | None:
+def best_trial(tracker: Any, s: StudyConfig) -> BestTrial | None:
     best = pick_best(tracker.trial_summaries(), s.metric, s.mode)
     if best is None:
         return None
-    return {
-        "study": s.name, "metric": s.metric, "mode": s.mode,
-        "value": best["metrics"][s.metric], "trial_id": best["trial_id"],
-        "mlflow_run_id": best["mlflow_run_id"], "completed": best["completed"],
-        "tracking_uri": s.resolved_tracking_uri,
-        "metrics": best["metrics"],
-        "config": tracker.load_dict(best["mlflow_run_id"], "config.json"),
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    return BestTrial(
+        study=s.name, metric=s.metric, mode=s.mode, value=best["metrics"][s.metric],
+        trial_id=best["trial_id"], mlflow_run_id=best["mlflow_run_id"], completed=best["completed"],
+        tracking_uri=s.resolved_tracking_uri, metrics=best["metrics"],
+        config=tracker.load_dict(best["mlflow_run_id"], "config.json"),
+        exported_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
-def write(best: dict[str, Any], path: Path) -> None:
-    write_json(path, best)
+def write(best: BestTrial, path: Path) -> None:
+    write_json(path, best.to_dict())

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from study import export
-from study.config import DDPM_MODES, FitSummary, StudyConfig
+from study.config import DDPM_MODES, BestTrial, FitSummary, StudyConfig
 from study.images import preflight
 from study.jobs import sigterm_as_sigint
 from study.paths import check_writable, write_json
@@ -194,23 +194,23 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _print_done(s: StudyConfig, best: dict[str, Any] | None, summary: FitSummary,
+def _print_done(s: StudyConfig, best: BestTrial | None, summary: FitSummary,
                 searched: list[str]) -> None:
     print(f"\nstudy {s.name!r} finished: {summary.finished} trials finished, {summary.failed} failed")
     if best is None:
         print("no trial reported the metric; nothing to export")
         return
-    cfg = best["config"]
+    cfg = best.config
     shown = ", ".join(f"{k} {_fmt(cfg[k])}" for k in searched if k in cfg
                       and not (k == "timestep" and cfg["noise_mode"] not in DDPM_MODES))
-    print(f"best trial {best['trial_id']}: {s.metric} = {best['value']:.4f}  ({shown})")
+    print(f"best trial {best.trial_id}: {s.metric} = {best.value:.4f}  ({shown})")
     print(f"best configuration exported to {s.study_dir / 'best.json'}")
     print(f"replay it:       {_cmd('train', '--config', str(s.study_dir / 'best.json'))}")
     ui = _cmd("ui", "--root", s.root) if not s.tracking_uri else f"open {s.tracking_uri}"
     print(f"open the MLflow UI: {ui}", flush=True)
 
 
-def export_study(root: str, name: str, out: Path) -> dict[str, Any]:
+def export_study(root: str, name: str, out: Path) -> BestTrial:
     meta = read_study(root, name)
     s = StudyConfig.from_dict(meta["study"])
     _tracking().check_tracking_uri(s.resolved_tracking_uri)

@@ -134,15 +134,16 @@ class StudyTracker:
         return [r.data.tags.get(TRIAL_TAG) for r in self.child_runs() if r.info.status not in TERMINAL]
 
     @staticmethod
-    def finish_records(run_id: str, status: str, best: dict[str, Any] | None,
+    def finish_records(run_id: str, status: str, best: Any | None,
                        summary: dict[str, Any], undelivered: int) -> list[Record]:
-        """What ends the parent run: the best trial, the summary, what could not be delivered."""
+        """What ends the parent run: the best trial (a config.BestTrial), the summary, what
+        could not be delivered."""
         out: list[Record] = []
         if best is not None:
-            out += [dict_record(best, "best.json", run_id=run_id),
-                    metrics_record({f"best_{k}": v for k, v in best["metrics"].items()}, 0, run_id=run_id),
-                    tags_record({"dip.best_run_id": best["mlflow_run_id"],
-                                 "dip.best_trial_id": best["trial_id"]}, run_id=run_id)]
+            out += [dict_record(best.to_dict(), "best.json", run_id=run_id),
+                    metrics_record({f"best_{k}": v for k, v in best.metrics.items()}, 0, run_id=run_id),
+                    tags_record({"dip.best_run_id": best.mlflow_run_id,
+                                 "dip.best_trial_id": best.trial_id}, run_id=run_id)]
         out += [dict_record(summary, "summary.json", run_id=run_id),
                 tags_record({UNDELIVERED_TAG: undelivered}, run_id=run_id)]
         if undelivered:

@@ -1,0 +1,41 @@
+"""Choosing and writing the best trial (study/export.py), without Ray or MLflow."""
+from __future__ import annotations
+
+import json
+import math
+
+from study.config import BestTrial, TrialConfig, load_config_file
+from study.export import pick_best, write
+
+
+def _t(tid, value, completed=True, status="FINISHED"):
+    return {"trial_id": tid, "mlflow_run_id": f"run-{tid}", "status": status,
+            "completed": completed, "metrics": {"psnr_ema": value, "loss": -value}}
+
+
+def test_completed_trials_win_over_early_stopped_ones():
+    trials = [_t("a", 30.0, completed=False), _t("b", 25.0), _t("c", 26.0)]
+    assert pick_best(trials, "psnr_ema", "max")["trial_id"] == "c"
+
+
+def test_failed_and_nan_trials_never_win_and_min_mode_works():
+    trials = [_t("a", math.nan), _t("b", 20.0), _t("c", 40.0, status="FAILED", completed=False)]
+    assert pick_best(trials, "psnr_ema", "max")["trial_id"] == "b"
+    assert pick_best([_t("x", 20.0), _t("y", 22.0)], "loss", "min")["trial_id"] == "y"
+    assert pick_best([_t("z", 1.0, completed=False, status="FAILED")], "psnr_ema", "max") is None
+
+
+def test_ties_do_not_depend_on_listing_order():
+    trials = [_t("b", 25.0), _t("a", 25.0)]
+    assert pick_best(trials, "psnr_ema", "max") == pick_best(trials[::-1], "psnr_ema", "max")
+
+
+def test_best_trial_is_written_as_json_that_train_reads(tmp_path):
+    best = BestTrial(study="st", metric="psnr_ema", mode="max", value=26.5, trial_id="b",
+                     mlflow_run_id="run-b", completed=True, tracking_uri="sqlite:////x.db",
+                     metrics={"psnr_ema": 26.5}, config=TrialConfig(lr=0.02).to_dict(),
+                     exported_at="2026-11-27T20:00:00")
+    write(best, tmp_path / "best.json")
+    data = json.loads((tmp_path / "best.json").read_text())
+    assert data == best.to_dict() and data["mlflow_run_id"] == "run-b"
+    assert TrialConfig.from_dict(load_config_file(tmp_path / "best.json")).lr == 0.02
