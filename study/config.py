@@ -355,6 +355,7 @@ class FitSummary:
     failed: int               # ended FAILED: an error, or retries spent
     experiment_path: str      # Ray Tune's experiment folder or URI
     unended: tuple[str, ...] = ()  # ids of started trials that did not end (interrupted)
+    lost: tuple[str, ...] = ()     # ids of trials a killed driver's saved state never knew
 
     @property
     def ended(self) -> int:
@@ -365,7 +366,8 @@ class FitSummary:
         return self.ended >= self.asked
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "unended": list(self.unended), "ended": self.ended,
+        return {**dataclasses.asdict(self), "unended": list(self.unended), "lost": list(self.lost),
+                "ended": self.ended,
                 "complete": self.complete}
 
 

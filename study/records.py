@@ -19,6 +19,7 @@ TRIAL_TAG = "dip.trial_id"
 STUDY_TAG = "dip.study"
 ROLE_TAG = "dip.role"          # "study" for the parent, "trial" for children
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for a child run
+LOST_TAG = "dip.lost"          # a trial a killed driver's saved state never knew (not counted)
 MAX_PARAM_LEN = 6000           # MLflow's limit on a param value
 
 
@@ -88,6 +89,7 @@ def run_create_info(experiment_id: str, parent_run_id: str, study: str, trial_id
                     name: str, config: dict[str, Any]) -> dict[str, Any]:
     """What the courier needs to create a trial's run where none exists yet."""
     return {"experiment_id": experiment_id, "name": name, "trial": trial_id,
+            "start_time": int(time.time() * 1000),
             "tags": {PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, STUDY_TAG: study,
                      ROLE_TAG: "trial"},
             "params": flat_params(config)}

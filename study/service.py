@@ -141,12 +141,16 @@ def resume(root: str, name: str, address: str = "") -> int:
 
 def _fit_and_finish(s: StudyConfig, tracker: Any, parent: str, tuner: Any, searched: list[str]) -> int:
     from study import tune as st
-    from study.tracking import end_record
+    from study.records import LOST_TAG, end_record, tags_record
 
     summary = st.fit(tuner, s)
     # Interrupted trials: their runs are KILLED until `resume` continues them.
     st.send(s.name, [end_record("KILLED", "the study was interrupted; resume continues it",
                                 trial=t, if_open=True) for t in summary.unended])
+    st.send(s.name, [r for t in summary.lost for r in (
+        tags_record({LOST_TAG: "true"}, trial=t),
+        end_record("KILLED", "lost with the killed driver: it started after the study's last saved "
+                   "state, and resume ran another trial in its place", trial=t, if_open=True))])
     if not _delivered(s):
         return 130
     best = export.best_trial(tracker, s)

@@ -277,7 +277,9 @@ class Courier:
         return [e.experiment_id for e in self.client.search_experiments()]
 
     def _create(self, c: dict[str, Any]) -> Any:
-        run = self.client.create_run(c["experiment_id"], run_name=c["name"], tags=c["tags"])
+        # Started when the trial did, not when a record reached a server that was away.
+        run = self.client.create_run(c["experiment_id"], start_time=c.get("start_time"),
+                                     run_name=c["name"], tags=c["tags"])
         params = [Param(k, v) for k, v in c["params"].items()]
         for i in range(0, len(params), 100):  # MLflow's limit per batch
             self.client.log_batch(run.info.run_id, params=params[i:i + 100])

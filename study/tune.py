@@ -396,7 +396,8 @@ class EndRunsCallback(tune.Callback):
 
 
 def read_trials(path: str) -> dict[str, str]:
-    """Trial id -> RUNNING (started), FINISHED or FAILED (the driver saw it end)."""
+    """Trial id -> RUNNING (started), FINISHED or FAILED (the driver saw it end), or LOST
+    (started after the last state a killed driver saved; another trial took its place)."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -504,11 +505,19 @@ def fit(tuner: tune.Tuner, s: StudyConfig) -> FitSummary:
     it end (`read_trials`): the study is complete when every asked-for trial did."""
     grid = tuner.fit()
     seen = read_trials(str(s.ended_file))
+    # Trials the driver saw start but Tune no longer knows: a killed driver's saved state
+    # predates them, so `resume` ran other trials in their place. Their runs are closed.
+    known = {t.trial_id for t in grid._experiment_analysis.trials}
+    lost = [t for t, v in seen.items() if v == "RUNNING" and t not in known]
+    if lost:
+        seen.update({t: "LOST" for t in lost})
+        write_json(s.ended_file, seen)
     return FitSummary(asked=s.num_samples, started=len(grid),
                       finished=sum(v == "FINISHED" for v in seen.values()),
                       failed=sum(v == "FAILED" for v in seen.values()),
                       experiment_path=grid.experiment_path,
-                      unended=tuple(t for t, v in seen.items() if v == "RUNNING"))
+                      unended=tuple(t for t, v in seen.items() if v == "RUNNING"),
+                      lost=tuple(lost))
 
 
 def alive_nodes() -> int:

@@ -48,7 +48,13 @@ def study_runs(uri: str, name: str) -> tuple[Any, list[Any]]:
     assert exp is not None, f"no experiment {name!r}"
     runs = c.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("dip.role") == "study"]
-    children = [r for r in runs if r.data.tags.get("dip.role") == "trial"]
+    # A trial started after a killed driver's last saved state is replaced on resume: its
+    # run is closed as lost, says why, and is not one of the study's trials.
+    lost = [r for r in runs if r.data.tags.get("dip.lost") == "true"]
+    for r in lost:
+        assert r.info.status == "KILLED" and "lost with the killed driver" in r.data.tags["dip.end_reason"]
+    lost_ids = {r.info.run_id for r in lost}
+    children = [r for r in runs if r.data.tags.get("dip.role") == "trial" and r.info.run_id not in lost_ids]
     assert len(parents) == 1, f"expected one parent run, got {len(parents)}"
     return parents[0], children
 
