@@ -55,7 +55,7 @@ def _logger(sink, exp_id, trial="t1"):
 def test_courier_delivers_in_order_and_each_step_once(tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
     c = client(uri)
-    exp = c.create_experiment("st")
+    exp = c.create_experiment("st", artifact_location=(tmp_path / "artifacts").as_uri())
     courier = Courier(Spool(tmp_path / "spool"), uri, say=lambda line: None).start()
     log = _logger(courier.put, exp)
     log.log_metrics({"iteration": 0, "psnr_observation": 20.0}, 0)
@@ -85,7 +85,7 @@ def test_courier_delivers_in_order_and_each_step_once(tmp_path):
 def test_courier_creates_the_run_of_a_trial_that_died_before_its_first_record(tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
     c = client(uri)
-    exp = c.create_experiment("st")
+    exp = c.create_experiment("st", artifact_location=(tmp_path / "artifacts").as_uri())
     courier = Courier(Spool(tmp_path / "spool"), uri, say=lambda line: None).start()
     create = run_create_info(exp, "p", "st", "t9", "t9-name", {"lr": 0.1})
     courier.put([{**tags_record({"dip.retries": 1}, trial="t9"), "create": create},
@@ -121,7 +121,7 @@ def test_courier_waits_for_a_server_that_is_away(tmp_path):
     try:
         _wait_health(uri, server)
         c = client(uri)
-        run_id = c.create_run(c.create_experiment("later")).info.run_id
+        run_id = c.create_run(c.create_experiment("later", artifact_location=(tmp_path / "a").as_uri())).info.run_id
         courier.put([metrics_record({"y": 1.0}, 1, run_id=run_id)])
         _wait_empty(courier, timeout=120)
         courier.stop()
