@@ -34,6 +34,7 @@ from noise.schedules import alphas_cumprod, make_betas
 from study.config import TrialConfig
 from study.images import downsample, upsample
 from study.paths import write_json
+from study.trial import resolve_device
 
 APPLY_TASKS = ("denoise", "inpaint", "sr")
 OUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -260,12 +261,6 @@ def fit(cfg: TrialConfig, prob: Problem, opts: ApplyOptions, device: torch.devic
                             "seconds_per_iteration": seconds / max(it, 1)}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but no CUDA device is available; allowed here: cpu, auto")
-    return torch.device(name)
 
 
 def check_out(out: Path, pic: Picture) -> None:

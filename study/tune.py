@@ -59,7 +59,12 @@ def connect(address: str) -> None:
     _check_address(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network from here
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": RUNTIME_EXCLUDES}
+    runtime_env: dict[str, Any] | None = {"working_dir": str(PROJECT_ROOT), "excludes": RUNTIME_EXCLUDES}
+    # The test side's fault hook (see `_test_hook`) reaches trials on every node, not only
+    # on nodes started from the driver's environment. Unset in use.
+    hooks = {k: v for k, v in os.environ.items() if k.startswith(("DIP_TEST_", "DIP_FAULT_"))}
+    if hooks:
+        runtime_env["env_vars"] = hooks
     if job_working_dir():  # a Ray job's driver: the job ships the code; Ray refuses a second working_dir
         runtime_env = None
     try:

@@ -30,7 +30,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studyutil import ROOT, env
+from studyutil import ROOT, env, kill_until_gone, marked_pids
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
@@ -153,17 +153,9 @@ class Worker:
         return None
 
     def kill_all(self) -> None:
-        for _ in range(50):
-            pids = self.pids()
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.2)
-        raise RuntimeError(f"processes of {self.ns} survive SIGKILL: {self.pids()}")
+        left = kill_until_gone(self.pids)
+        if left:
+            raise RuntimeError(f"processes of {self.ns} survive SIGKILL: {left}")
 
 
 @dataclass
@@ -353,30 +345,21 @@ class Cluster:
         return ["--address", self.address, "--tracking-uri", self.tracking_uri,
                 "--storage", self.storage(name)]
 
-    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(ROOT / "run_study.py"), *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout, env=self.env())
+                              capture_output=True, text=True, timeout=timeout, env=self.env(**extra))
 
-    def driver(self, log: Path, *args: str) -> subprocess.Popen:
+    def driver(self, log: Path, *args: str, **extra: str) -> subprocess.Popen:
         """run_study.py in the background, its output in `log` (for tests that kill it)."""
         with open(log, "w") as out:
             return subprocess.Popen([sys.executable, str(ROOT / "run_study.py"), *args], cwd=ROOT,
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=self.env(), start_new_session=True)
+                                    env=self.env(**extra), start_new_session=True)
 
     # --- tearing it down ---
 
     def marked_pids(self) -> list[int]:
-        needle = f"DIPC_CLUSTER={self.marker}\0".encode()
-        pids = []
-        for p in Path("/proc").iterdir():
-            if p.name.isdigit() and int(p.name) != os.getpid():
-                try:
-                    if needle in (p / "environ").read_bytes():
-                        pids.append(int(p.name))
-                except OSError:
-                    continue
-        return pids
+        return marked_pids("DIPC_CLUSTER", self.marker)
 
     def down(self) -> None:
         for w in self.workers:
@@ -388,16 +371,7 @@ class Cluster:
             if s is not None:
                 s.stop()
         if self.marker:  # the head's processes, and anything else of ours still running
-            for _ in range(50):
-                pids = self.marked_pids()
-                if not pids:
-                    break
-                for pid in pids:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                time.sleep(0.2)
+            kill_until_gone(self.marked_pids)
         if self.x:
             sh("ip", "link", "del", self.bridge, check=False)
         if self.head_temp is not None:

@@ -7,6 +7,10 @@ named by DIP_TEST_HOOK=faults:hook at each report and when training ends (study/
     DIP_FAULT_PAUSE="EVENT[:N][#K]" the K-th trial (default 1) to reach EVENT ("report" at
                                    iteration N, or "end": after its last report, before it
                                    returns) writes DIP_FAULT_DIR/paused and waits forever
+    DIP_FAULT_SLOW_S="S"           every report sleeps S seconds: trials last at least that long
+                                   whatever the machine's speed (an outage lands mid-trial)
+    DIP_FAULT_BARRIER="N"          each trial waits at its first report until N trials got there
+                                   (N trials run at once, so on N one-CPU nodes, one per node)
     DIP_FAULT_KILL_AT="N"          each trial's worker process SIGKILLs itself at its report at
                                    iteration N, once per trial (a lost worker or node), after
                                    that report's records reached the relay, before its checkpoint
@@ -75,7 +79,23 @@ def _kill(event: str, trial: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _slow(event: str, trial: Any) -> None:
+    if event == "report" and os.environ.get("DIP_FAULT_SLOW_S"):
+        time.sleep(float(os.environ["DIP_FAULT_SLOW_S"]))
+
+
+def _barrier(event: str, trial: Any) -> None:
+    n = int(os.environ.get("DIP_FAULT_BARRIER", "0"))
+    if not n or event != "report" or not _once(f"arrived-{_trial_id()}"):
+        return
+    folder, deadline = Path(os.environ["DIP_FAULT_DIR"]), time.time() + 300
+    while len(list(folder.glob("arrived-*"))) < n and time.time() < deadline:
+        time.sleep(0.2)
+
+
 def hook(event: str, trial: Any) -> None:
+    _barrier(event, trial)
+    _slow(event, trial)
     _nan(event, trial)
     _pause(event, trial)
     _kill(event, trial)

@@ -140,3 +140,35 @@ class MlflowServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
+
+
+def marked_pids(var: str, value: str) -> list[int]:
+    """Processes (other than this one) whose environment holds VAR=value: the ones a test
+    started with that marker, and only those."""
+    needle = f"{var}={value}\0".encode()
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and int(p.name) != os.getpid() and needle in (p / "environ").read_bytes():
+                pids.append(int(p.name))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_until_gone(pids: Any, rounds: int = 50) -> list[int]:
+    """SIGKILL what `pids()` lists until it lists nothing; returns the survivors."""
+    import signal
+    import time
+
+    for _ in range(rounds):
+        left = pids()
+        if not left:
+            return []
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    return pids()

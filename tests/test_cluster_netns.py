@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from clusterutil import Cluster, usable
+from faults import HOOK
 from studyutil import TINY, check_study, client
 
 pytestmark = pytest.mark.slow
@@ -113,11 +115,17 @@ def whole_steps(iterations: int, every: int = 10) -> list[int]:
 # --- the tests ---
 
 def test_study_on_two_worker_nodes_with_s3_storage(live, tmp_path):
-    # Trials long enough to overlap: while one holds a worker's only CPU, the next one
-    # must start on the other worker.
-    r = live.cli("run", "--name", "s3a", "--root", str(tmp_path), "--num-samples", "3",
-                 "--scheduler", "fifo", *live.study_flags("s3a"), *TINY, "--iterations", "200",
-                 "--image-every", "100")
+    # The first two trials wait for each other at their first report (tests/faults.py):
+    # each holds a worker's only CPU, so they run one per worker on any machine. The fault
+    # folder is outside /tmp, which each worker has its own of.
+    faults = Path(f"/var/tmp/dipfaults-{live.marker}")
+    faults.mkdir(parents=True, exist_ok=True)
+    try:
+        r = live.cli("run", "--name", "s3a", "--root", str(tmp_path), "--num-samples", "3",
+                     "--scheduler", "fifo", *live.study_flags("s3a"), *TINY, "--iterations", "200",
+                     "--image-every", "100", **HOOK, DIP_FAULT_BARRIER="2", DIP_FAULT_DIR=str(faults))
+    finally:
+        shutil.rmtree(faults, ignore_errors=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _, children = check_study(live.tracking_uri, "s3a", n=3, iterations=200)
     ips = live.node_ips()
@@ -157,10 +165,12 @@ def test_driver_killed_then_resume_from_s3(live, tmp_path):
 def test_mlflow_outage_loses_nothing(live, tmp_path):
     """The server stopped for DIP_OUTAGE_S seconds mid-study: the trials keep training, every
     step arrives once the server is back, and the study exits 0."""
-    log, iters = tmp_path / "driver.log", 400
+    log, iters = tmp_path / "driver.log", 200
+    # Each report sleeps 1 s (tests/faults.py): a trial lasts over 20 s whatever the
+    # machine's speed, so the outage lands while the trials train.
     proc = live.driver(log, "run", "--name", "s3d", "--root", str(tmp_path), "--num-samples", "2",
                        "--scheduler", "fifo", *live.study_flags("s3d"), *TINY,
-                       "--iterations", str(iters), "--image-every", "200")
+                       "--iterations", str(iters), "--image-every", "100", **HOOK, DIP_FAULT_SLOW_S="1")
     wait_for("a logged step", lambda: any(steps(live.tracking_uri, r.info.run_id)
                                           for r in trial_runs(live.tracking_uri, "s3d")), proc, log)
     live.mlflow.stop()

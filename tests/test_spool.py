@@ -3,10 +3,7 @@ the bound drops images first, and the courier delivers in order, skips steps a r
 has, and rides out a server that is not there yet."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -14,7 +11,7 @@ import pytest
 from study.spool import Spool
 from study.records import TrialLogger, end_record, metrics_record, run_create_info, tags_record
 from study.tracking import Courier
-from studyutil import client, env, free_port
+from studyutil import MlflowServer, client
 
 
 @pytest.fixture(autouse=True)
@@ -107,19 +104,15 @@ def _wait_empty(courier, timeout=60):
 def test_courier_waits_for_a_server_that_is_away(tmp_path):
     """Records written while no server listens are delivered once one starts there; the
     courier says so once each way, not once per call."""
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tmp_path)  # its port is chosen now; nothing listens there yet
+    uri = server.url
     lines: list[str] = []
     courier = Courier(Spool(tmp_path / "spool"), uri, say=lines.append, max_backoff=1.0).start()
     courier.put([metrics_record({"x": float(i)}, i, run_id="not-yet") for i in range(3)])
     time.sleep(3)
     assert courier.status()["pending_batches"] == 1 and courier.status()["down_since"]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/s.db", "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True)
     try:
-        _wait_health(uri, server)
+        server.start()
         c = client(uri)
         run_id = c.create_run(c.create_experiment("later", artifact_location=(tmp_path / "a").as_uri())).info.run_id
         courier.put([metrics_record({"y": 1.0}, 1, run_id=run_id)])
@@ -129,18 +122,4 @@ def test_courier_waits_for_a_server_that_is_away(tmp_path):
         assert sum("unreachable" in x for x in lines) == 1 and sum("is back" in x for x in lines) == 1
         assert courier.status()["skipped"] == 3  # the records for a run that never existed
     finally:
-        server.terminate()
-        server.wait(30)
-
-
-def _wait_health(uri, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError("mlflow server did not start")
+        server.stop()

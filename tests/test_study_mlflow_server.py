@@ -2,15 +2,12 @@
 checked through the server's REST API."""
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-import urllib.request
 import json
+import urllib.request
 
 import pytest
 
-from studyutil import TINY, check_study, cli, env, free_port
+from studyutil import TINY, MlflowServer, check_study, cli, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -18,32 +15,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{d}/server.db", "--artifacts-destination",
-         str(d / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        assert proc.poll() is None, (d / "server.log").read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        raise AssertionError("mlflow server did not answer /health in time")
-    yield url, d
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    srv = MlflowServer(d).start()
+    yield srv.url, d
+    srv.stop()
 
 
 def _rest(url: str, path: str, body: dict) -> dict:

@@ -5,17 +5,15 @@ one every node reads (true here, as on an NFS mount). The cluster has its own po
 temp dir, and is torn down by a marker in its processes' environment, never `ray stop`."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from studyutil import TINY, check_study, cli, env, free_port
+from faults import HOOK
+from studyutil import TINY, check_study, cli, env, free_port, kill_until_gone, marked_pids
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -34,18 +32,6 @@ def _start(marker: str, temp: str, *args: str) -> None:
                    capture_output=True, timeout=180)
 
 
-def _ours(marker: str) -> list[int]:
-    needle = f"DIP_TEST_CLUSTER={marker}\0".encode()
-    pids = []
-    for p in Path("/proc").iterdir():
-        try:
-            if p.name.isdigit() and needle in (p / "environ").read_bytes():
-                pids.append(int(p.name))
-        except OSError:
-            continue
-    return pids
-
-
 @pytest.fixture(scope="module")
 def cluster():
     marker = uuid.uuid4().hex[:10]
@@ -56,16 +42,7 @@ def cluster():
         _start(marker, temp, f"--address=127.0.0.1:{port}")
         yield f"127.0.0.1:{port}"
     finally:
-        for _ in range(50):
-            pids = _ours(marker)
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.2)
+        kill_until_gone(lambda: marked_pids("DIP_TEST_CLUSTER", marker))
 
 
 def test_node_local_storage_is_refused_on_several_nodes(cluster, tmp_path):
@@ -87,8 +64,13 @@ def test_image_on_the_drivers_disk_is_refused_on_several_nodes(cluster, tmp_path
 
 
 def test_study_spreads_over_two_nodes(cluster, tmp_path):
+    # The first two trials wait for each other at their first report: two trials at once,
+    # each holding its node's only CPU, whatever the machine's speed.
+    faults = tmp_path / "faults"
+    faults.mkdir()
     r = cli("run", "--name", "mn", "--root", str(tmp_path), "--num-samples", "4", "--shared-storage",
-            "--address", cluster, "--scheduler", "fifo", *TINY, **AUTH)
+            "--address", cluster, "--scheduler", "fifo", *TINY, **AUTH, **HOOK,
+            DIP_FAULT_BARRIER="2", DIP_FAULT_DIR=str(faults))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _, children = check_study(f"sqlite:///{tmp_path}/mlflow.db", "mn", n=4)
     nodes = {c.data.tags["dip.node_id"] for c in children}

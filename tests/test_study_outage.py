@@ -11,12 +11,15 @@ import time
 
 import pytest
 
+from faults import HOOK
 from studyutil import ROOT, MlflowServer, check_study, client, env
 
 pytestmark = pytest.mark.slow
 OUTAGE_S = float(os.environ.get("DIP_OUTAGE_S", "20"))
-FLAGS = ["--size", "32", "--scales", "2", "--channels", "8", "--iterations", "1000",
-         "--report-every", "50", "--image-every", "250", "--scheduler", "fifo",
+# Each report sleeps 1 s (tests/faults.py): a trial lasts over 20 s on any machine, so the
+# outage lands while trials train.
+FLAGS = ["--size", "32", "--scales", "2", "--channels", "8", "--iterations", "400",
+         "--report-every", "20", "--image-every", "200", "--scheduler", "fifo",
          "--max-concurrent", "2", "--num-samples", "3"]
 
 
@@ -26,7 +29,7 @@ def _first_reports(url: str, name: str, proc: subprocess.Popen, timeout: float =
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         exp = c.get_experiment_by_name(name)
         runs = c.search_runs([exp.experiment_id], "tags.`dip.role` = 'trial'") if exp else []
-        if any(r.data.metrics.get("iteration", 0) >= 50 for r in runs):
+        if any(r.data.metrics.get("iteration", 0) >= 20 for r in runs):
             return
         time.sleep(0.5)
     raise AssertionError("no trial reported in time")
@@ -37,7 +40,7 @@ def test_study_survives_an_mlflow_outage(tmp_path):
     try:
         proc = subprocess.Popen(
             [sys.executable, "run_study.py", "run", "--name", "out", "--root", str(tmp_path / "r"),
-             "--tracking-uri", server.url, *FLAGS], cwd=ROOT, env=env(), text=True,
+             "--tracking-uri", server.url, *FLAGS], cwd=ROOT, env=env(**HOOK, DIP_FAULT_SLOW_S="1"), text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         _first_reports(server.url, "out", proc)
         down = time.time() * 1000
@@ -47,13 +50,13 @@ def test_study_survives_an_mlflow_outage(tmp_path):
         server.start()
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out[-4000:]
-        _, children = check_study(server.url, "out", n=3, iterations=1000, report_every=50)
+        _, children = check_study(server.url, "out", n=3, iterations=400, report_every=20)
         c = client(server.url)
         stamps = []
         for run in children:
             assert run.info.status == "FINISHED" and run.data.tags["dip.completed"] == "true"
             hist = c.get_metric_history(run.info.run_id, "iteration")
-            assert [m.step for m in hist] == list(range(0, 1001, 50)), "a step is missing or doubled"
+            assert [m.step for m in hist] == list(range(0, 401, 20)), "a step is missing or doubled"
             stamps += [m.timestamp for m in hist]
         # The trials went on training while the server was away (timestamps are taken in the
         # trial when the report is made, and delivered later).
