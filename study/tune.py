@@ -59,6 +59,9 @@ def connect(address: str) -> None:
     _check_address(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network from here
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Tune warns at every forced state snapshot (num_to_keep with frequent checkpoints of
+    # small trials); the snapshots are wanted: they keep a killed driver's state recent.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     runtime_env: dict[str, Any] | None = {"working_dir": str(PROJECT_ROOT), "excludes": RUNTIME_EXCLUDES}
     # The test side's fault hook (see `_test_hook`) reaches trials on every node, not only
     # on nodes started from the driver's environment. Unset in use.
