@@ -114,15 +114,15 @@ def study_link(base: str, experiment_id: str, metric: str, mode: str) -> str:
 
 def study_links(root: str, host: str, port: int, limit: int = 10) -> list[str]:
     """One line per study under `root` (the latest `limit`): its name and runs-table link."""
-    from study.config import METRICS
+    from study.config import METRICS, StudyRecord
 
     lines = []
     metas = sorted(Path(root).glob("*/study.json"), key=lambda p: p.stat().st_mtime)[-limit:]
     for path in metas:
         try:
-            meta = json.loads(path.read_text())
-            metric = meta["study"]["metric"]
-            link = study_link(f"http://{host}:{port}", meta["experiment_id"], metric, METRICS[metric])
+            meta = StudyRecord.from_dict(json.loads(path.read_text()))
+            metric = meta.study.metric
+            link = study_link(f"http://{host}:{port}", meta.experiment_id, metric, METRICS[metric])
         except (OSError, ValueError, KeyError):
             continue  # a study.json being written, or of another format: no link
         lines.append(f"  {path.parent.name}: {link}")

@@ -195,9 +195,9 @@ def _tracking_uri(ns: argparse.Namespace, job: Job | None, name: str | None) -> 
     root = _root(ns)
     if name is None:
         return f"sqlite:///{Path(root) / 'mlflow.db'}"
-    from study.service import current_stage, read_study
+    from study.service import read_study
 
-    return current_stage(read_study(root, name)).resolved_tracking_uri
+    return read_study(root, name).current.resolved_tracking_uri
 
 
 def _best(view: Any) -> tuple[Any, float] | None:
@@ -368,14 +368,14 @@ def _list_rows(ns: argparse.Namespace) -> list[str]:
 
         return [_row(v.name, v, f"{v.params.get('root', '?')}/{v.name}") for v in tracking.study_views(ns.tracking_uri)]
     from run_study import _root
-    from study.service import STUDY_FILE, current_stage, read_study
+    from study.service import STUDY_FILE, read_study
 
     root = _root(ns)
     if not Path(root).is_dir():
         raise ValueError(f"no studies under {root!r}: the folder does not exist")
     rows = []
     for f in sorted(Path(root).glob(f"*/{STUDY_FILE}")):
-        s = current_stage(read_study(root, f.parent.name))
+        s = read_study(root, f.parent.name).current
         rows.append(_row(s.name, _views(s.resolved_tracking_uri).get(s.name), str(s.study_dir)))
     return rows
 

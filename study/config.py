@@ -414,3 +414,52 @@ class BestTrial:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class StudyStage:
+    """One `extend` of a study: its own Tune experiment, the whole study's trial count."""
+
+    study: StudyConfig           # the settings this stage runs with
+    added: int                   # trials it adds
+    first_trial: int             # number of its first trial (trial_NNNN)
+    created: str                 # local time it started
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "study": self.study.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StudyStage":
+        _check_keys(cls, d, "study stage key")
+        return cls(**{**d, "study": StudyConfig.from_dict(d["study"])})
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """ROOT/NAME/study.json: a study's settings and where MLflow keeps it."""
+
+    study: StudyConfig           # the settings of its first `run`
+    experiment_id: str           # its MLflow experiment
+    parent_run_id: str           # its MLflow parent run
+    space: dict[str, Any]        # the search space's spec (study/space.py)
+    created: str                 # local time it started
+    extensions: tuple[StudyStage, ...] = ()  # every `extend`, oldest first
+
+    @property
+    def current(self) -> StudyConfig:
+        """The settings as the latest stage runs them (a `resume` continues that one)."""
+        return self.extensions[-1].study if self.extensions else self.study
+
+    def extended(self, stage: StudyStage) -> "StudyRecord":
+        return dataclasses.replace(self, extensions=(*self.extensions, stage))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"study": self.study.to_dict(), "experiment_id": self.experiment_id,
+                "parent_run_id": self.parent_run_id, "space": self.space, "created": self.created,
+                "extensions": [e.to_dict() for e in self.extensions]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StudyRecord":
+        _check_keys(cls, d, "study.json key")
+        return cls(**{**d, "study": StudyConfig.from_dict(d["study"]),
+                      "extensions": tuple(StudyStage.from_dict(e) for e in d.get("extensions") or ())})

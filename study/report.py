@@ -378,12 +378,12 @@ def _figures(rows: list[TrialRow], facts: list[ImageFacts], s: StudyConfig, out:
     return md
 
 
-def _header(s: StudyConfig, rows: list[TrialRow], meta: dict[str, Any], searched: list[str]) -> str:
+def _header(s: StudyConfig, rows: list[TrialRow], meta: Any, searched: list[str]) -> str:
     t = s.trial
     net = f"{t.net} {t.scales} scales x {t.channels} channels"
     return (f"# Study `{s.name}`: report\n\n"
             f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `run_study.py report {s.name}`. "
-            f"Study created {meta.get('created', '?')}.\n\n"
+            f"Study created {meta.created}.\n\n"
             f"- Task: {t.task}" + (f" (sigma = {t.sigma * 255:.0f}/255)" if t.task == "denoise" else "") +
             f"; images: {', '.join(t.images)} at {t.size} px; {net}; {t.iterations} iterations; "
             f"{getattr(t, 'repeats', 1)} repeat(s) (seeds) per image.\n"
@@ -405,14 +405,14 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet downloads
     meta = read_study(root, name)
-    s = StudyConfig.from_dict(meta["study"])
+    s = meta.study
     runs = tracking.study_runs(s.resolved_tracking_uri, s.name)
     rows = trial_rows(runs, s.trial)
     if not rows:
         raise ValueError(f"study {name!r} has no trial runs yet; nothing to report")
     out = Path(out) if out is not None else s.study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    searched = list(meta.get("space") or {})
+    searched = list(meta.space)
     facts = image_facts(s.trial, baseline)
     best = _pick_best(rows, s)
     labels = [f.label for f in facts]
@@ -446,7 +446,7 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
     path = out / "report.md"
     path.write_text("\n".join(parts))
     if log:
-        tracking.log_folder(s.resolved_tracking_uri, meta["parent_run_id"], out, "report")
+        tracking.log_folder(s.resolved_tracking_uri, meta.parent_run_id, out, "report")
     return path
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from study import export
-from study.config import DDPM_MODES, BestTrial, FitSummary, StudyConfig
+from study.config import DDPM_MODES, BestTrial, FitSummary, StudyConfig, StudyRecord, StudyStage
 from study.images import preflight
 from study.jobs import sigterm_as_sigint
 from study.paths import check_writable, write_json
@@ -30,12 +30,16 @@ from study.paths import check_writable, write_json
 STUDY_FILE = "study.json"
 
 
-def read_study(root: str, name: str) -> dict[str, Any]:
+def read_study(root: str, name: str) -> StudyRecord:
     path = Path(root) / name / STUDY_FILE
     if not path.is_file():
         known = sorted(p.parent.name for p in Path(root).glob(f"*/{STUDY_FILE}")) if Path(root).is_dir() else []
         raise ValueError(f"no study {name!r} under {root!r}; studies there: {', '.join(known) or 'none'}")
-    return json.loads(path.read_text())
+    try:
+        return StudyRecord.from_dict(json.loads(path.read_text()))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{str(path)!r} is not a study record this version can read ({e}); "
+                         "it must hold study, experiment_id, parent_run_id, space and created") from None
 
 
 def _tracking():  # noqa: ANN202 - imported lazily: mlflow is slow to import
@@ -108,9 +112,9 @@ def run(s: StudyConfig) -> int:
         tracker = _tracker(s)
         note = f"DIP study {s.name}: {s.num_samples} trials, metric {s.metric}"
         parent = tracker.start_parent(s.to_dict(), space.spec, note)
-        write_json(s.study_dir / STUDY_FILE, {
-            "study": s.to_dict(), "experiment_id": tracker.experiment_id, "parent_run_id": parent,
-            "space": space.spec, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_json(s.study_dir / STUDY_FILE, StudyRecord(
+            study=s, experiment_id=tracker.experiment_id, parent_run_id=parent, space=space.spec,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S")).to_dict())
         tuner = st.build_tuner(s, space, _context(s, tracker.experiment_id, parent), gpus)
         return _fit_and_finish(s, tracker, parent, tuner, list(space.spec))
     finally:
@@ -121,7 +125,7 @@ def resume(root: str, name: str, address: str = "") -> int:
     from study import tune as st
 
     meta = read_study(root, name)
-    s = current_stage(meta)
+    s = meta.current
     if address:
         s = dataclasses.replace(s, address=address)
     _tracking().check_tracking_uri(s.resolved_tracking_uri)
@@ -132,9 +136,9 @@ def resume(root: str, name: str, address: str = "") -> int:
             raise ValueError(f"study {name!r} has no Ray state to resume at {st.experiment_path(s)}")
         check_storage(s, st.alive_nodes())
         tracker = _tracker(s)
-        tracker.reopen(meta["parent_run_id"])
-        tuner = st.restore_tuner(s, _context(s, meta["experiment_id"], meta["parent_run_id"]))
-        return _fit_and_finish(s, tracker, meta["parent_run_id"], tuner, list(meta["space"]))
+        tracker.reopen(meta.parent_run_id)
+        tuner = st.restore_tuner(s, _context(s, meta.experiment_id, meta.parent_run_id))
+        return _fit_and_finish(s, tracker, meta.parent_run_id, tuner, list(meta.space))
     finally:
         st.shutdown()
 
@@ -215,8 +219,7 @@ def _print_done(s: StudyConfig, best: BestTrial | None, summary: FitSummary,
 
 
 def export_study(root: str, name: str, out: Path) -> BestTrial:
-    meta = read_study(root, name)
-    s = StudyConfig.from_dict(meta["study"])
+    s = read_study(root, name).study
     _tracking().check_tracking_uri(s.resolved_tracking_uri)
     best = export.best_trial(_tracker(s), s)
     if best is None:
@@ -234,13 +237,6 @@ def ui_command(root: str, host: str, port: int) -> list[str]:
             "--host", host, "--port", str(port)]
 
 
-def current_stage(meta: dict[str, Any]) -> StudyConfig:
-    """The study's settings as its latest stage runs them: the first `run`, or the latest
-    `extend` (its own Tune experiment, the trial count of the whole study)."""
-    stages = meta.get("extensions") or []
-    return StudyConfig.from_dict(stages[-1]["study"] if stages else meta["study"])
-
-
 def extend(root: str, name: str, n: int, address: str = "") -> int:
     """Add `n` trials to a study: the same MLflow experiment and parent run, the same Optuna
     study (its sampler conditioned on every earlier trial), trial numbers going on, best.json
@@ -251,7 +247,7 @@ def extend(root: str, name: str, n: int, address: str = "") -> int:
     if n <= 0:
         raise ValueError(f"--num-samples {n} is not a number of trials to add; allowed: 1 or more")
     meta = read_study(root, name)
-    last = current_stage(meta)
+    last = meta.current
     view = _tracking().read_study_view(last.resolved_tracking_uri, name)
     if view is None or view.status != "FINISHED":  # interrupted, or its driver was killed
         print(f"study {name!r} did not finish: resuming it first", flush=True)
@@ -262,13 +258,13 @@ def extend(root: str, name: str, n: int, address: str = "") -> int:
         print(f"warning: study {name!r} has no Optuna record ({OPTUNA_DB}): the sampler starts without "
               "the earlier trials", flush=True)
     first = last.num_samples
-    k = len(meta.get("extensions") or []) + 1
-    base = StudyConfig.from_dict(meta["study"])
+    k = len(meta.extensions) + 1
+    base = meta.study
     # Its own Tune experiment; a seed of its own, or Optuna's start-up phase would propose
     # the first trials' values again.
     s = dataclasses.replace(last, num_samples=first + n, storage=f"{base.resolved_storage.rstrip('/')}/extend-{k}",
                             seed=(base.seed + first) % 2**32, address=address or last.address)
-    space = SearchSpace(meta["space"], s.trial)
+    space = SearchSpace(meta.space, s.trial)
     _tracking().check_tracking_uri(s.resolved_tracking_uri)
     st.connect(s.address)
     sigterm_as_sigint()
@@ -276,17 +272,16 @@ def extend(root: str, name: str, n: int, address: str = "") -> int:
         gpus = st.gpus_per_trial(s)
         check_storage(s, st.alive_nodes())
         tracker = _tracker(s)
-        parent = meta["parent_run_id"]
+        parent = meta.parent_run_id
         tracker.reopen(parent)
         _tracking().set_run_tags(s.resolved_tracking_uri, parent, {"dip.asked": s.num_samples})
-        stage = {"study": s.to_dict(), "added": n, "first_trial": first,
-                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_json(s.study_dir / STUDY_FILE, {**meta, "extensions": [*(meta.get("extensions") or []), stage]})
+        stage = StudyStage(study=s, added=n, first_trial=first, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json(s.study_dir / STUDY_FILE, meta.extended(stage).to_dict())
         print(f"study {name!r}: {n} more trial{'s' if n > 1 else ''} (trial_{first:04d} on), "
               f"{s.num_samples} in all", flush=True)
         tuner = st.build_tuner(dataclasses.replace(s, num_samples=n), space,
-                               _context(s, meta["experiment_id"], parent), gpus, first_trial=first)
-        return _fit_and_finish(s, tracker, parent, tuner, list(meta["space"]))
+                               _context(s, meta.experiment_id, parent), gpus, first_trial=first)
+        return _fit_and_finish(s, tracker, parent, tuner, list(meta.space))
     finally:
         st.shutdown()
 

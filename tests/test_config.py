@@ -176,3 +176,20 @@ def test_config_choices_match_the_libraries():
     assert config.SCHEDULES == noise.SCHEDULES
     assert config.NETWORKS == models.NETWORKS
     assert set(config.UPSAMPLES) == set(UPSAMPLES)
+
+
+def test_study_record_round_trips_through_json_with_its_stages():
+    import json
+
+    from study.config import StudyConfig, StudyRecord, StudyStage
+
+    first = StudyConfig(name="st", root="/r", num_samples=4)
+    rec = StudyRecord(study=first, experiment_id="1", parent_run_id="p", space={"lr": {"low": 0.001}},
+                      created="2026-11-27T20:00:00")
+    assert rec.current == first
+    more = StudyConfig(name="st", root="/r", num_samples=6, storage="/r/st/ray/extend-1")
+    rec2 = rec.extended(StudyStage(study=more, added=2, first_trial=4, created="2026-11-27T21:00:00"))
+    back = StudyRecord.from_dict(json.loads(json.dumps(rec2.to_dict())))
+    assert back == rec2 and back.current == more and back.extensions[0].first_trial == 4
+    with pytest.raises(ValueError, match="unknown study.json key"):
+        StudyRecord.from_dict({**rec.to_dict(), "colour": "red"})
