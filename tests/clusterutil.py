@@ -3,10 +3,10 @@
     the host = the head node                      a worker node (x2), each its own netns
     bridge dipcXb  10.231.X.1/24  <-- veth -->   dipcXwIn  10.231.X.(10+I)/24
       ray head (0 CPUs: no trial lands here)        ray worker node (--num-cpus 1)
-      mlflow server   http://10.231.X.1:M           its own mount namespace: /tmp is a
-      moto_server S3  http://10.231.X.1:S             private tmpfs (Ray's temp dir, HOME,
-      the driver: run_study.py                        working folder), so it sees neither
-                                                      the driver's study root nor its /tmp
+      mlflow server   http://10.231.X.1:M           its own mount namespace: a private
+      moto_server S3  http://10.231.X.1:S             tmpfs (Ray's temp dir, TMPDIR, HOME,
+      the driver: run_study.py                        working folder) and one over the tests'
+                                                      temp folder: no driver's study root
 
 X is picked per cluster among 10.231.100-249 that no interface or route uses, and claimed
 by creating the bridge (a name is unique on the host). Every process started here carries
@@ -30,7 +30,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studyutil import ROOT, env, kill_until_gone, marked_pids
+from studyutil import ROOT, env, free_ports, kill_until_gone, marked_pids
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
@@ -261,10 +261,10 @@ class Cluster:
         """The Ray head on the bridge address, every port of its own (others run Ray here)."""
         self.head_temp = Path(f"/tmp/{self.marker}")  # short: Ray's socket paths must fit 107 chars
         self.ray_port = free_port(self.head_ip)
-        ports = {f"--{k}": str(free_port("")) for k in (
-            "node-manager-port", "object-manager-port", "ray-client-server-port",
-            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-            "runtime-env-agent-port", "metrics-export-port")}
+        names = ("node-manager-port", "object-manager-port", "ray-client-server-port",
+                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                 "runtime-env-agent-port", "metrics-export-port")
+        ports = {f"--{k}": str(p) for k, p in zip(names, free_ports(len(names)), strict=True)}
         args = [RAY, "start", "--head", f"--node-ip-address={self.head_ip}",
                 f"--port={self.ray_port}", "--num-cpus=0", "--include-dashboard=false",
                 f"--temp-dir={self.head_temp}", "--disable-usage-stats",
@@ -277,17 +277,21 @@ class Cluster:
         self._join_workers([self._spawn_worker(w)])
 
     def _spawn_worker(self, w: Worker) -> tuple[Worker, subprocess.Popen]:
-        """`ray start` inside the worker's netns and a fresh mount namespace whose /tmp is a
-        private tmpfs: Ray's temp dir, HOME and the working folder live there."""
+        """`ray start` inside the worker's netns and a fresh mount namespace: a private tmpfs
+        holds Ray's temp dir, TMPDIR, HOME and the working folder, and another one hides the
+        tests' temp folder, where the driver's study roots are. (Not all of /tmp: the project
+        and its .venv may live there, as in a clone under /tmp.)"""
         temp = f"/tmp/dipc{self.x}w{w.index}"
-        script = (f'mount -t tmpfs -o size=2g tmpfs /tmp && mkdir -p "$HOME" {temp}/work && '
-                  f'cd {temp}/work && exec "$0" "$@"')
+        os.makedirs(temp, exist_ok=True)  # the mount point; empty on the host
+        hide = self.base.parent
+        script = (f'mount -t tmpfs -o size=16m tmpfs {hide} && mount -t tmpfs -o size=2g tmpfs {temp} && '
+                  f'mkdir -p "$HOME" {temp}/work {temp}/tmp && cd {temp}/work && exec "$0" "$@"')
         args = [RAY, "start", f"--address={self.address}", f"--node-ip-address={w.ip}",
                 "--num-cpus=1", f"--temp-dir={temp}/ray", "--disable-usage-stats"]
         return w, subprocess.Popen(
             ["ip", "netns", "exec", w.ns, "unshare", "--mount", "--propagation", "private", "sh",
              "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=self.env(HOME=f"{temp}/home", TMPDIR="/tmp"))
+            env=self.env(HOME=f"{temp}/home", TMPDIR=f"{temp}/tmp"))
 
     @staticmethod
     def _join_workers(started: list[tuple[Worker, subprocess.Popen]]) -> None:
@@ -367,6 +371,7 @@ class Cluster:
                 w.kill_all()
                 sh("ip", "netns", "del", w.ns, check=False)
             sh("ip", "link", "del", w.host_link, check=False)  # gone with its peer, normally
+            shutil.rmtree(f"/tmp/dipc{self.x}w{w.index}", ignore_errors=True)  # its empty mount point
         for s in (self.mlflow, self.s3):
             if s is not None:
                 s.stop()

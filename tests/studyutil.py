@@ -35,6 +35,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int, host: str = "") -> list[int]:
+    """`n` distinct free ports: all are held open while they are chosen (ports chosen one at
+    a time can repeat once each is closed)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from faults import HOOK
-from studyutil import TINY, check_study, cli, env, free_port, kill_until_gone, marked_pids
+from studyutil import TINY, check_study, cli, env, free_port, free_ports, kill_until_gone, marked_pids
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -26,7 +26,7 @@ PORT_FLAGS = ("node-manager-port", "object-manager-port", "ray-client-server-por
 
 
 def _start(marker: str, temp: str, *args: str) -> None:
-    ports = [f"--{k}={free_port()}" for k in PORT_FLAGS]
+    ports = [f"--{k}={p}" for k, p in zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True)]
     subprocess.run([RAY, "start", "--num-cpus", "1", "--disable-usage-stats", f"--temp-dir={temp}",
                     *ports, *args], check=True, env=env(**AUTH, DIP_TEST_CLUSTER=marker),
                    capture_output=True, timeout=180)
