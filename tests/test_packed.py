@@ -10,7 +10,6 @@ metrics differ by up to 1e-2 dB (`TOLERANCE`), and by 300 iterations at 32 px by
 by a relative 1e-7 moves them (0.15 and 0.35 dB). Repeat r of a trial and the trial with
 seed + r are bit-identical (see tests/test_trial.py).
 """
-import io
 import itertools
 
 import pytest
@@ -25,6 +24,7 @@ from noise.inputs import INPUT_MODES, make_input
 from noise.schedules import alphas_cumprod, make_betas
 from study.config import NOISE_MODES, TASKS, TrialConfig
 from study.trial import Draw, Trial, run_trial
+from trialutil import run_keeping_checkpoint
 
 QUALITY = ("loss", "psnr", "ssim", "psnr_ema", "ssim_ema", "psnr_best")
 
@@ -162,15 +162,7 @@ def test_images_of_other_channels_get_their_own_pack():
 def test_checkpoint_resumes_the_pack_exactly_with_weights_only():
     cfg = tiny(images=("camera", "astronaut"), color="auto", noise_mode="ddpm_random_t",
                iterations=6, report_every=3)
-    saved = io.BytesIO()
-
-    def checkpoint(metrics, trial):
-        if trial.iteration == 3:
-            torch.save(trial.state_dict(), saved)
-
-    straight = run_trial(cfg, checkpoint)
-    saved.seek(0)
-    state = torch.load(saved, weights_only=True)
+    straight, state = run_keeping_checkpoint(cfg, 3)
     assert len(state["networks"]) == 4 and set(state["networks"][0]) >= {"net", "adam", "ema", "gen"}
     resumed = run_trial(cfg, lambda m, t: None, state=state)
     assert resumed["networks"] == straight["networks"]
@@ -225,14 +217,7 @@ def test_gpu_step_never_waits_for_the_device():
 @cuda
 def test_gpu_checkpoint_resumes_a_graphed_pack():
     cfg = tiny(device="cuda", noise_mode="ddpm_random_t", iterations=12, report_every=6)
-    saved = io.BytesIO()
-
-    def checkpoint(metrics, trial):
-        if trial.iteration == 6:
-            torch.save(trial.state_dict(), saved)
-
-    straight = run_trial(cfg, checkpoint)
-    saved.seek(0)
-    resumed = run_trial(cfg, lambda m, t: None, state=torch.load(saved, weights_only=True))
+    straight, state = run_keeping_checkpoint(cfg, 6)
+    resumed = run_trial(cfg, lambda m, t: None, state=state)
     for x, y in zip(straight["networks"], resumed["networks"], strict=True):
         assert x["metrics"]["psnr_ema"] == pytest.approx(y["metrics"]["psnr_ema"], abs=0.05)

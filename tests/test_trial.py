@@ -1,6 +1,5 @@
 """Tests of study/trial.py: the DIP loop, its reports, checkpoints and failure modes."""
 
-import io
 import math
 
 import numpy as np
@@ -11,6 +10,7 @@ from PIL import Image
 from models import UNet
 from study.config import NOISE_MODES, TASKS, TrialConfig
 from study.trial import Trial, TrialDiverged, resolve_device, run_trial
+from trialutil import run_keeping_checkpoint
 
 REPORT_KEYS = {"loss", "psnr", "ssim", "psnr_ema", "ssim_ema", "psnr_best", "best_iteration",
                "iteration", "seconds", "seconds_per_iteration"}
@@ -52,16 +52,9 @@ def test_same_seed_same_metrics(mode):
 @pytest.mark.parametrize("mode", ["uniform", "gaussian_resample", "ddpm_random_t"])
 def test_checkpoint_resume_is_exact(mode):
     cfg = tiny(noise_mode=mode, iterations=8, report_every=4)
-    saved = io.BytesIO()
-
-    def checkpoint(metrics, trial):
-        if trial.iteration == 4:
-            torch.save(trial.state_dict(), saved)
-
-    straight = run_trial(cfg, checkpoint)
-    saved.seek(0)
+    straight, state = run_keeping_checkpoint(cfg, 4)
     fresh = Trial(cfg)
-    resumed = run_trial(cfg, no_report, state=torch.load(saved), trial=fresh)
+    resumed = run_trial(cfg, no_report, state=state, trial=fresh)
     assert untimed(resumed) == untimed(straight)
     assert resumed["iterations"] == 8 and fresh.iteration == 8
 
