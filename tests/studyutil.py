@@ -35,6 +35,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_http(url: str, proc: subprocess.Popen, log: Path | None = None, timeout: float = 180) -> None:
+    """Until `url` answers; fails (with the server's last output) if `proc` ends first."""
+    import time
+    import urllib.request
+
+    def output() -> str:
+        if log is not None:
+            return log.read_text()[-2000:]
+        return (proc.communicate()[0] or "")[-2000:] if proc.poll() is not None else ""
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{url}: its server exited ({proc.returncode}): {output()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s: {output()}")
+
+
 def free_ports(n: int, host: str = "") -> list[int]:
     """`n` distinct free ports: all are held open while they are chosen (ports chosen one at
     a time can repeat once each is closed)."""
@@ -122,26 +144,19 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> "MlflowServer":
-        import time
-        import urllib.request
-
-        log = open(self.folder / "server.log", "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.folder}/server.db", "--artifacts-destination",
-             str(self.folder / "artifacts"), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise AssertionError("mlflow server did not answer /health in time")
+        log = self.folder / "server.log"
+        with open(log, "a") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--backend-store-uri", f"sqlite:///{self.folder}/server.db", "--artifacts-destination",
+                 str(self.folder / "artifacts"), "--workers", "1"],
+                stdout=out, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+        try:
+            wait_http(self.url + "/health", self.proc, log, timeout)
+        except AssertionError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         import signal

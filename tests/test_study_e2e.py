@@ -8,14 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from faults import HOOK
-from studyutil import ROOT, TINY, best_child, check_study, cli, client, env, free_port, read_json
+from studyutil import ROOT, TINY, best_child, check_study, cli, client, env, free_port, read_json, wait_http
 
 pytestmark = pytest.mark.slow
 IMAGES = ("camera", "moon")  # two images per trial: the objective is their mean
@@ -105,7 +103,7 @@ def test_ui_shows_the_study_in_a_browser(study, tmp_path):
                           cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, start_new_session=True)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health", ui)
+        wait_http(f"http://127.0.0.1:{port}/health", ui, timeout=120)
         printed = [ui.stdout.readline() for _ in range(3)]
         link = next(line.split(": ", 1)[1].strip() for line in printed if line.strip().startswith("e2e: "))
         c = client(f"sqlite:///{root}/mlflow.db")
@@ -154,15 +152,3 @@ def test_ui_shows_the_study_in_a_browser(study, tmp_path):
     assert re.search(r">6<(?:[^>]*>){0,6}\s*matching runs", link_page), "the link should show the 6 trials"
     assert ">study<" not in link_page and "Sort: psnr_ema" in link_page.replace("<!-- -->", "")
     assert all((shots / n).stat().st_size > 10_000 for n in ("ui_study_link.png", "ui_trial_images.png"))
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[0][-2000:]
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"{url} did not answer in time")
