@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from study.config import NOISE_MODES, TrialConfig  # noqa: E402
-from study.trial import TrialDiverged, resolve_device, run_trial  # noqa: E402
+from study.engine.trial import TrialDiverged, resolve_device, run_trial  # noqa: E402
 
 DEFAULT_MODES = ("uniform", "ddpm", "ddpm_resample", "ddpm_random_t")
 

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from study.config import TrialConfig  # noqa: E402
-from study.metrics import psnr_batch  # noqa: E402
-from study.trial import Trial  # noqa: E402
+from study.engine.metrics import psnr_batch  # noqa: E402
+from study.engine.trial import Trial  # noqa: E402
 
 AT = (10, 25, 50, 75, 150, 300, 600, 1000, 1500, 2000)
 

@@ -3,7 +3,7 @@
 quarter of the grid's iterations?
 
 1. The grid: every configuration of a small space (input mode x timestep x lr), each
-   trained to --iterations with study.trial.run_trial (no Ray), objective psnr_ema.
+   trained to --iterations with study.engine.trial.run_trial (no Ray), objective psnr_ema.
 2. The search: a real study (`run_study.py run`: Ray Tune, OptunaSearch's TPE, ASHA)
    over the same values, --num-samples trials; its cost is the sum of the iterations its
    trials ran (read back from MLflow through the tracking room).
@@ -48,7 +48,7 @@ def key(p: dict) -> tuple:
 
 
 def run_grid(base: TrialConfig) -> dict[tuple, float]:
-    from study.trial import run_trial
+    from study.engine.trial import run_trial
 
     out = {}
     for p in grid_points():
@@ -59,7 +59,7 @@ def run_grid(base: TrialConfig) -> dict[tuple, float]:
 
 
 def run_search(args: argparse.Namespace, root: Path) -> list[dict]:
-    from study import tracking
+    from study.tracking import store as tracking
 
     space = root / "space.yaml"
     space.write_text(f"noise_mode: {list(MODES)}\ntimestep: {list(TIMESTEPS)}\nlr: {list(LRS)}\n")

@@ -59,7 +59,7 @@ def run_study(ns: argparse.Namespace, root: Path) -> tuple[float, float, subproc
 
 def mlflow_runs(root: Path) -> list[dict[str, float]]:
     """Each trial run's start, end (s since the epoch) and training seconds."""
-    from study.tracking import StudyTracker
+    from study.tracking.store import StudyTracker
 
     tracker = StudyTracker(f"sqlite:///{root / 'mlflow.db'}", "ovh")
     return [{"start": r.info.start_time / 1000, "end": (r.info.end_time or 0) / 1000,
@@ -85,9 +85,9 @@ def probes() -> dict[str, float]:
     """The tiny trial's own costs, in this process (1 thread)."""
     import torch
 
-    from study import images as img
+    from study.engine import images as img
     from study.config import TrialConfig
-    from study.trial import Trial
+    from study.engine.trial import Trial
 
     torch.set_num_threads(1)
     cfg = TrialConfig(size=32, scales=2, channels=8, input_depth=8, iterations=40,
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ns.no_probes:
         for k, v in probes().items():
             print(f"probe {k}: {v:.3f}")
-        for module in ("torch", "mlflow", "ray", "study.trial", "study.tune"):
+        for module in ("torch", "mlflow", "ray", "study.engine.trial", "study.cluster.tune"):
             print(f"probe import_{module}_s: {import_seconds(module):.2f}")
     print(f"# study folder: {root}" + ("" if ns.keep else " (removed)"))
     if not ns.keep:

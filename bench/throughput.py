@@ -4,7 +4,7 @@ packed loop at K = 1, 2, 4, 8, 16 networks, on one device, in one run.
 
 reference: one network, the deep-image-prior denoising notebook's loop: every iteration
     reads the loss and computes three PSNRs on the CPU (a host sync per iteration).
-project:   `study.trial.Trial` with `repeats=K` (K networks packed into one computation,
+project:   `study.engine.trial.Trial` with `repeats=K` (K networks packed into one computation,
     no host sync in the step), once per step variant (models/step.py `StepOptions`):
     on the CPU fp32 eager, packed and separate; on a GPU also channels_last, cat-reflection,
     CUDA graph + fused Adam, `auto` (what trials use) and auto + bf16.
@@ -37,9 +37,9 @@ from skimage.metrics import peak_signal_noise_ratio  # noqa: E402
 
 from models import build_network  # noqa: E402
 from models.step import StepOptions  # noqa: E402
-from study import images as img  # noqa: E402
+from study.engine import images as img  # noqa: E402
 from study.config import TrialConfig  # noqa: E402
-from study.trial import Trial, resolve_device  # noqa: E402
+from study.engine.trial import Trial, resolve_device  # noqa: E402
 
 NETS = {  # name: (scales, channels) ; skips of 4, input depth 32 for both
     "reference": (5, 128),  # the DIP denoising notebook's skip network

@@ -105,7 +105,7 @@ class TrialConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrialConfig":
-        _check_keys(cls, d, "config key")
+        check_keys(cls, d, "config key")
         return cls(**d)
 
     def replace(self, **changes: Any) -> "TrialConfig":
@@ -115,7 +115,7 @@ class TrialConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def _check_keys(cls: type, d: dict[str, Any], what: str) -> None:
+def check_keys(cls: type, d: dict[str, Any], what: str) -> None:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -313,7 +313,7 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StudyConfig":
-        _check_keys(cls, d, "study setting")
+        check_keys(cls, d, "study setting")
         return cls(**d)
 
 
@@ -345,32 +345,6 @@ def validate_study(s: StudyConfig) -> None:
         raise ValueError(f"storage {s.storage!r} must be an absolute path or a URI such as s3://bucket/path")
 
 
-@dataclass(frozen=True)
-class FitSummary:
-    """How a study's trials ended, as the driver saw it (written to the parent run)."""
-
-    asked: int                # trials the study asks for
-    started: int              # trials Tune created
-    finished: int             # ended FINISHED: completed, or stopped early by the scheduler
-    failed: int               # ended FAILED: an error, or retries spent
-    experiment_path: str      # Ray Tune's experiment folder or URI
-    unended: tuple[str, ...] = ()  # ids of started trials that did not end (interrupted)
-    lost: tuple[str, ...] = ()     # ids of trials a killed driver's saved state never knew
-
-    @property
-    def ended(self) -> int:
-        return self.finished + self.failed
-
-    @property
-    def complete(self) -> bool:
-        return self.ended >= self.asked
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "unended": list(self.unended), "lost": list(self.lost),
-                "ended": self.ended,
-                "complete": self.complete}
-
-
 # Short labels of searched fields in run names; the others show as `field=value`.
 RUN_NAME_LABELS = {"timestep": "t", "reg_noise_std": "reg"}
 # Fields that only matter for some input modes (as the search space's CONDITIONAL).
@@ -393,73 +367,3 @@ def trial_run_name(cfg: TrialConfig, searched: list[str]) -> str:
             continue
         parts.append(f"{RUN_NAME_LABELS.get(name, name)}={_run_name_value(getattr(cfg, name))}")
     return " ".join(parts)
-
-
-@dataclass(frozen=True)
-class BestTrial:
-    """A study's best trial as exported (best.json) and recorded on the parent run; its
-    `config` is what `train --config` and `apply --config` replay."""
-
-    study: str                   # the study's name
-    metric: str                  # the study's objective
-    mode: str                    # max or min
-    value: float                 # the objective's value at the trial's last report
-    trial_id: str                # Ray Tune's trial id (MLflow tag dip.trial_id)
-    mlflow_run_id: str           # the trial's child run
-    completed: bool              # ran all its iterations (else stopped early: a fallback)
-    tracking_uri: str            # where the run is
-    metrics: dict[str, float]    # every metric of the trial's last report
-    config: dict[str, Any]       # the trial's complete TrialConfig
-    exported_at: str             # local time of the export
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class StudyStage:
-    """One `extend` of a study: its own Tune experiment, the whole study's trial count."""
-
-    study: StudyConfig           # the settings this stage runs with
-    added: int                   # trials it adds
-    first_trial: int             # number of its first trial (trial_NNNN)
-    created: str                 # local time it started
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "study": self.study.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StudyStage":
-        _check_keys(cls, d, "study stage key")
-        return cls(**{**d, "study": StudyConfig.from_dict(d["study"])})
-
-
-@dataclass(frozen=True)
-class StudyRecord:
-    """ROOT/NAME/study.json: a study's settings and where MLflow keeps it."""
-
-    study: StudyConfig           # the settings of its first `run`
-    experiment_id: str           # its MLflow experiment
-    parent_run_id: str           # its MLflow parent run
-    space: dict[str, Any]        # the search space's spec (study/space.py)
-    created: str                 # local time it started
-    extensions: tuple[StudyStage, ...] = ()  # every `extend`, oldest first
-
-    @property
-    def current(self) -> StudyConfig:
-        """The settings as the latest stage runs them (a `resume` continues that one)."""
-        return self.extensions[-1].study if self.extensions else self.study
-
-    def extended(self, stage: StudyStage) -> "StudyRecord":
-        return dataclasses.replace(self, extensions=(*self.extensions, stage))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"study": self.study.to_dict(), "experiment_id": self.experiment_id,
-                "parent_run_id": self.parent_run_id, "space": self.space, "created": self.created,
-                "extensions": [e.to_dict() for e in self.extensions]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StudyRecord":
-        _check_keys(cls, d, "study.json key")
-        return cls(**{**d, "study": StudyConfig.from_dict(d["study"]),
-                      "extensions": tuple(StudyStage.from_dict(e) for e in d.get("extensions") or ())})

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from study.config import BestTrial, StudyConfig
+from study.config import StudyConfig
+from study.results import BestTrial
 from study.paths import write_json
 
 

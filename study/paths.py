@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,3 +34,14 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+def command(*args: str) -> str:
+    """A run_study.py command line to print for the user (a resume hint, a replay): with
+    this interpreter, shortened to a path under the working folder when it is one."""
+    python = os.path.relpath(sys.executable) if Path(sys.executable).is_relative_to(Path.cwd()) else sys.executable
+    return shlex.join([python, "run_study.py", *args])
+
+
+def resume_hint(name: str, root: str) -> str:
+    return command("resume", name, "--root", root)

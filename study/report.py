@@ -5,7 +5,7 @@ mode and per image (with the image's mean brightness), the metric against timest
 learning rate, a classical baseline on the same observations (BM3D for denoising,
 bicubic for super-resolution), the oracle `psnr_best` labelled as such, the best
 configuration's output next to the observation and the clean image, and Optuna's own
-plots. It reads the trials through the tracking room (study/tracking.py) and Optuna's
+plots. It reads the trials through the tracking room (study/tracking/store.py) and Optuna's
 record through the space room (study/space.py); it never imports mlflow.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from study import images as img  # noqa: E402
+from study.engine import images as img  # noqa: E402
 from study.config import DDPM_MODES, NOISE_MODES, StudyConfig, TrialConfig  # noqa: E402
-from study.metrics import psnr, ssim  # noqa: E402
+from study.engine.metrics import psnr, ssim  # noqa: E402
 
 HONEST = "psnr_ema"   # the honest final number of a trial (no clean image involved in choosing it)
 ORACLE = "psnr_best"  # the best EMA PSNR over iterations: it looks at the clean image
@@ -120,8 +120,8 @@ def _baseline(y: img.Degraded, cfg: TrialConfig) -> torch.Tensor | None:
 
 def image_facts(base: TrialConfig, baseline: bool) -> list[ImageFacts]:
     """Each image's observations exactly as the trials drew them (repeat r of image j:
-    seed + r + j * SEED_STRIDE, see study/trial.py), and the baseline on the same ones."""
-    from study.trial import SEED_STRIDE, unique_labels
+    seed + r + j * SEED_STRIDE, see study/engine/trial.py), and the baseline on the same ones."""
+    from study.engine.trial import SEED_STRIDE, unique_labels
 
     specs = img.expand_images(base.images)
     out = []
@@ -222,7 +222,7 @@ def _best_grid(facts: list[ImageFacts], best_images: list[torch.Tensor | None], 
 
 def _best_output(uri: str, run_id: str, label: str, several: bool) -> torch.Tensor | None:
     """The best trial's final output average as logged (its last output if it has none)."""
-    from study import tracking
+    from study.tracking import store as tracking
 
     pre = f"{label}/" if several else ""
     a = tracking.run_image(uri, run_id, f"{pre}output_ema")
@@ -400,8 +400,8 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
                 log: bool = True) -> Path:
     """Write the report of study `name` under ROOT and (log) attach it to the parent run
     under `report/`. Returns the path of report.md."""
-    from study import tracking
-    from study.service import read_study
+    from study.tracking import store as tracking
+    from study.studydir import read_study
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet downloads
     meta = read_study(root, name)

@@ -1,5 +1,5 @@
-"""The study service: run, resume and export a study. Orchestrates study.tune (Ray) and
-study.tracking (MLflow) without importing either library itself.
+"""The study service: run, resume and export a study. Orchestrates study.cluster.tune (Ray) and
+study.tracking.store (MLflow) without importing either library itself.
 
 On disk, under ROOT (absolute):
     ROOT/mlflow.db                 the MLflow store (unless --tracking-uri names a server)
@@ -13,37 +13,23 @@ On disk, under ROOT (absolute):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from study import export
-from study.config import DDPM_MODES, BestTrial, FitSummary, StudyConfig, StudyRecord, StudyStage
-from study.images import preflight
-from study.jobs import sigterm_as_sigint
-from study.paths import check_writable, write_json
-
-STUDY_FILE = "study.json"
-
-
-def read_study(root: str, name: str) -> StudyRecord:
-    path = Path(root) / name / STUDY_FILE
-    if not path.is_file():
-        known = sorted(p.parent.name for p in Path(root).glob(f"*/{STUDY_FILE}")) if Path(root).is_dir() else []
-        raise ValueError(f"no study {name!r} under {root!r}; studies there: {', '.join(known) or 'none'}")
-    try:
-        return StudyRecord.from_dict(json.loads(path.read_text()))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{str(path)!r} is not a study record this version can read ({e}); "
-                         "it must hold study, experiment_id, parent_run_id, space and created") from None
-
+from study import studydir
+from study.config import DDPM_MODES, StudyConfig
+from study.results import BestTrial, FitSummary
+from study.studydir import StudyRecord, StudyStage, read_study
+from study.engine.images import preflight
+from study.cluster.jobs import sigterm_as_sigint
+from study.paths import check_writable, command, resume_hint
 
 def _tracking():  # noqa: ANN202 - imported lazily: mlflow is slow to import
-    from study import tracking
+    from study.tracking import store as tracking
 
     return tracking
 
@@ -53,7 +39,7 @@ def preflight_study(s: StudyConfig) -> Any:
     from study.space import load_space
 
     check_writable(Path(s.root), "root")
-    if (s.study_dir / STUDY_FILE).exists():
+    if studydir.exists(s):
         raise ValueError(f"study {s.name!r} already exists under {s.root!r}; "
                          f"resume it with `resume {s.name}` or choose another --name")
     space = load_space(s.space_file or None, s.trial)
@@ -65,7 +51,7 @@ def preflight_study(s: StudyConfig) -> Any:
 
 def _context(s: StudyConfig, experiment_id: str, parent: str) -> Any:
     """Starts the study's MLflow relay (on this node) and returns what every trial needs."""
-    from study import tune as st
+    from study.cluster import tune as st
 
     st.start_relay(s.name, s.spool_dir, s.resolved_tracking_uri)
     return st.StudyContext(study=s.name, base=s.trial.to_dict(), experiment_id=experiment_id,
@@ -100,7 +86,7 @@ def _tracker(s: StudyConfig) -> Any:
 
 
 def run(s: StudyConfig) -> int:
-    from study import tune as st
+    from study.cluster import tune as st
 
     space = preflight_study(s)
     st.connect(s.address)
@@ -112,9 +98,9 @@ def run(s: StudyConfig) -> int:
         tracker = _tracker(s)
         note = f"DIP study {s.name}: {s.num_samples} trials, metric {s.metric}"
         parent = tracker.start_parent(s.to_dict(), space.spec, note)
-        write_json(s.study_dir / STUDY_FILE, StudyRecord(
+        studydir.write_study(StudyRecord(
             study=s, experiment_id=tracker.experiment_id, parent_run_id=parent, space=space.spec,
-            created=time.strftime("%Y-%m-%dT%H:%M:%S")).to_dict())
+            created=time.strftime("%Y-%m-%dT%H:%M:%S")))
         tuner = st.build_tuner(s, space, _context(s, tracker.experiment_id, parent), gpus)
         return _fit_and_finish(s, tracker, parent, tuner, list(space.spec))
     finally:
@@ -122,7 +108,7 @@ def run(s: StudyConfig) -> int:
 
 
 def resume(root: str, name: str, address: str = "") -> int:
-    from study import tune as st
+    from study.cluster import tune as st
 
     meta = read_study(root, name)
     s = meta.current
@@ -144,8 +130,8 @@ def resume(root: str, name: str, address: str = "") -> int:
 
 
 def _fit_and_finish(s: StudyConfig, tracker: Any, parent: str, tuner: Any, searched: list[str]) -> int:
-    from study import tune as st
-    from study.records import LOST_TAG, end_record, tags_record
+    from study.cluster import tune as st
+    from study.tracking.records import LOST_TAG, end_record, tags_record
 
     summary = st.fit(tuner, s)
     # Interrupted trials: their runs are KILLED until `resume` continues them.
@@ -169,7 +155,7 @@ def _fit_and_finish(s: StudyConfig, tracker: Any, parent: str, tuner: Any, searc
     if not summary.complete:
         print(f"\nstudy {s.name!r} interrupted: {summary.ended} of {s.num_samples} trials ended "
               f"({len(summary.unended)} runs marked KILLED). Continue it with:\n  "
-              f"{_cmd('resume', s.name, '--root', s.root)}", flush=True)
+              f"{resume_hint(s.name, s.root)}", flush=True)
         return 130
     _print_done(s, best, summary, searched)
     write_report(s.root, s.name)  # the study's answer, also under the parent run's report/
@@ -183,19 +169,16 @@ def _say(line: str) -> None:
 def _delivered(s: StudyConfig) -> bool:
     """Wait until MLflow has every record (however long the server is away); Ctrl-C leaves
     the rest on disk for `resume` and says so."""
-    from study import tune as st
+    from study.cluster import tune as st
 
     try:
         st.drain(s.name, _say)
         return True
     except KeyboardInterrupt:
         print(f"\nstudy {s.name!r}: records not yet delivered to MLflow stay in {s.spool_dir}; "
-              f"deliver them and continue with:\n  {_cmd('resume', s.name, '--root', s.root)}", flush=True)
+              f"deliver them and continue with:\n  {resume_hint(s.name, s.root)}", flush=True)
         return False
 
-
-def _cmd(*args: str) -> str:
-    return " ".join(shlex.quote(a) for a in [sys.executable, "run_study.py", *args])
 
 
 def _fmt(v: Any) -> str:
@@ -213,8 +196,8 @@ def _print_done(s: StudyConfig, best: BestTrial | None, summary: FitSummary,
                       and not (k == "timestep" and cfg["noise_mode"] not in DDPM_MODES))
     print(f"best trial {best.trial_id}: {s.metric} = {best.value:.4f}  ({shown})")
     print(f"best configuration exported to {s.study_dir / 'best.json'}")
-    print(f"replay it:       {_cmd('train', '--config', str(s.study_dir / 'best.json'))}")
-    ui = _cmd("ui", "--root", s.root) if not s.tracking_uri else f"open {s.tracking_uri}"
+    print(f"replay it:       {command('train', '--config', str(s.study_dir / 'best.json'))}")
+    ui = command("ui", "--root", s.root) if not s.tracking_uri else f"open {s.tracking_uri}"
     print(f"open the MLflow UI: {ui}", flush=True)
 
 
@@ -241,7 +224,7 @@ def extend(root: str, name: str, n: int, address: str = "") -> int:
     """Add `n` trials to a study: the same MLflow experiment and parent run, the same Optuna
     study (its sampler conditioned on every earlier trial), trial numbers going on, best.json
     replaced when a new trial beats it. An interrupted study is resumed first."""
-    from study import tune as st
+    from study.cluster import tune as st
     from study.space import OPTUNA_DB, SearchSpace
 
     if n <= 0:
@@ -276,7 +259,7 @@ def extend(root: str, name: str, n: int, address: str = "") -> int:
         tracker.reopen(parent)
         _tracking().set_run_tags(s.resolved_tracking_uri, parent, {"dip.asked": s.num_samples})
         stage = StudyStage(study=s, added=n, first_trial=first, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        write_json(s.study_dir / STUDY_FILE, meta.extended(stage).to_dict())
+        studydir.write_study(meta.extended(stage))
         print(f"study {name!r}: {n} more trial{'s' if n > 1 else ''} (trial_{first:04d} on), "
               f"{s.num_samples} in all", flush=True)
         tuner = st.build_tuner(dataclasses.replace(s, num_samples=n), space,
@@ -295,7 +278,7 @@ def write_report(root: str, name: str) -> Path | None:
     try:
         path = report.make_report(root, name)
     except Exception as e:  # noqa: BLE001 - a report that fails must not fail a finished study
-        print(f"no report ({e}); retry with: {_cmd('report', name, '--root', root)}", flush=True)
+        print(f"no report ({e}); retry with: {command('report', name, '--root', root)}", flush=True)
         return None
     print(f"report: {path}", flush=True)
     return path

@@ -1,5 +1,5 @@
 """Faults injected into real trials from the test side: the study service calls the hook
-named by DIP_TEST_HOOK=faults:hook at each report and when training ends (study/tune.py
+named by DIP_TEST_HOOK=faults:hook at each report and when training ends (study/cluster/tune.py
 `_test_hook`); nothing here is in the training loop. Each fault is chosen by a variable:
 
     DIP_FAULT_NAN_AT="N[:LR]"      the first report at iteration >= N raises TrialDiverged (the
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from study.trial import TrialDiverged
+from study.engine.trial import TrialDiverged
 
 HOOK = {"DIP_TEST_HOOK": "tests.faults:hook"}
 

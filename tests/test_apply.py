@@ -12,9 +12,9 @@ import skimage.data
 import torch
 from PIL import Image
 
-from study.apply import ApplyOptions, apply, padded_side, read_picture, WindowVariance
+from study.engine.apply import ApplyOptions, apply, padded_side, read_picture, WindowVariance
 from study.config import TrialConfig
-from study.metrics import psnr
+from study.engine.metrics import psnr
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small and quick: 3 scales of 16 channels on a 45 x 61 image, a few seconds on 2 cores.

@@ -14,7 +14,8 @@ import yaml
 from ray.autoscaler._private.providers import _NODE_PROVIDERS
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from run_study import build_study, make_parser
+from study.cli.common import build_study
+from study.cli.main import make_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"

@@ -181,7 +181,8 @@ def test_config_choices_match_the_libraries():
 def test_study_record_round_trips_through_json_with_its_stages():
     import json
 
-    from study.config import StudyConfig, StudyRecord, StudyStage
+    from study.config import StudyConfig
+    from study.studydir import StudyRecord, StudyStage
 
     first = StudyConfig(name="st", root="/r", num_samples=4)
     rec = StudyRecord(study=first, experiment_id="1", parent_run_id="p", space={"lr": {"low": 0.001}},

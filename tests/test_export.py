@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import math
 
-from study.config import BestTrial, TrialConfig, load_config_file
+from study.config import TrialConfig, load_config_file
+from study.results import BestTrial
 from study.export import pick_best, write
 
 

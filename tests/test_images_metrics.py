@@ -1,4 +1,4 @@
-"""Tests of study/images.py (loading, tasks) and study/metrics.py (PSNR, SSIM)."""
+"""Tests of study/engine/images.py (loading, tasks) and study/engine/metrics.py (PSNR, SSIM)."""
 
 import numpy as np
 import pytest
@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from study import images as img
+from study.engine import images as img
 from study.config import BUNDLED_IMAGES, TrialConfig
-from study.metrics import psnr, psnr_batch, psnr_skimage, ssim
+from study.engine.metrics import psnr, psnr_batch, psnr_skimage, ssim
 
 RGB_IMAGES = {"astronaut", "chelsea", "coffee", "colorwheel", "hubble_deep_field",
               "immunohistochemistry", "logo", "retina", "rocket"}

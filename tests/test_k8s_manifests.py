@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from run_study import build_study
+from study.cli.common import build_study
 from studyutil import env, free_port
 from test_cluster_yaml import check_command
 

@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 
-import run_study
 from study.config import DDPM_MODES, NOISE_MODES
-from study.presets import apply_preset, list_presets, load_preset
+from study.cli.common import build_study
+from study.cli.main import make_parser
+from study.cli.presets import apply_preset, list_presets, load_preset
 from study.space import load_space
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _study(*argv: str):
-    ns = run_study.make_parser().parse_args(["run", "--root", "/tmp/presets-test", *argv])
-    return run_study.build_study(apply_preset(ns))
+    ns = make_parser().parse_args(["run", "--root", "/tmp/presets-test", *argv])
+    return build_study(apply_preset(ns))
 
 
 def test_compare_modes_answers_the_question():

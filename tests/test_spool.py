@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from study.spool import Spool
-from study.records import TrialLogger, end_record, metrics_record, run_create_info, tags_record
-from study.tracking import Courier
+from study.tracking.spool import Spool
+from study.tracking.records import TrialLogger, end_record, metrics_record, run_create_info, tags_record
+from study.tracking.store import Courier
 from studyutil import MlflowServer, client
 
 

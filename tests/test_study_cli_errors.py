@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 import run_study
+from study.cli.main import make_parser
 from studyutil import TINY, cli
 
 BASE = ["--num-samples", "2", *TINY]
@@ -115,7 +116,7 @@ def test_study_flags_show_their_real_defaults():
     """Study flags are generated from StudyConfig: help shows the dataclass's defaults."""
     from study.config import StudyConfig
 
-    text = run_study.make_parser()._subparsers._group_actions[0].choices["run"].format_help()
+    text = make_parser()._subparsers._group_actions[0].choices["run"].format_help()
     defaults = StudyConfig(name="x", root="/r")
     for flag, value in [("--reduction-factor", defaults.reduction_factor),
                         ("--max-failures", defaults.max_failures), ("--num-samples", defaults.num_samples)]:

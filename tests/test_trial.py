@@ -1,4 +1,4 @@
-"""Tests of study/trial.py: the DIP loop, its reports, checkpoints and failure modes."""
+"""Tests of study/engine/trial.py: the DIP loop, its reports, checkpoints and failure modes."""
 
 import math
 
@@ -9,7 +9,7 @@ from PIL import Image
 
 from models import UNet
 from study.config import NOISE_MODES, TASKS, TrialConfig
-from study.trial import Trial, TrialDiverged, resolve_device, run_trial
+from study.engine.trial import Trial, TrialDiverged, resolve_device, run_trial
 from trialutil import run_keeping_checkpoint
 
 REPORT_KEYS = {"loss", "psnr", "ssim", "psnr_ema", "ssim_ema", "psnr_best", "best_iteration",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from study.config import TrialConfig
-from study.trial import run_trial
+from study.engine.trial import run_trial
 
 
 def run_keeping_checkpoint(cfg: TrialConfig, at: int) -> tuple[dict[str, Any], dict[str, Any]]:

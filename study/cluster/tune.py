@@ -24,17 +24,18 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from study import images as img
-from study.config import FitSummary, StudyConfig, TrialConfig, trial_run_name
-from study.jobs import job_working_dir
+from study.engine import images as img
+from study.config import StudyConfig, TrialConfig, trial_run_name
+from study.results import FitSummary
+from study.cluster.jobs import job_working_dir
 from study.paths import write_json
-from study.records import TrialLogger, end_record, run_create_info, tags_record
-from study.trial import Trial, run_trial
+from study.tracking.records import TrialLogger, end_record, run_create_info, tags_record
+from study.engine.trial import Trial, run_trial
 
 if TYPE_CHECKING:
     from study.space import SearchSpace
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CKPT_FILE = "trial.pt"
 ERROR_KEY = "dip_error"  # in a trial's last result: why it failed (it is not retried)
 # Shipped to every worker as the job's working_dir (so a real cluster runs this code).
@@ -124,8 +125,8 @@ class Relay:
     spool it leaves is delivered by the next one (or by `resume`)."""
 
     def __init__(self, folder: str, tracking_uri: str, max_bytes: int):
-        from study.spool import Spool
-        from study.tracking import Courier
+        from study.tracking.spool import Spool
+        from study.tracking.store import Courier
 
         self.courier = Courier(Spool(folder, max_bytes), tracking_uri).start()
 

@@ -27,9 +27,9 @@ from models import build_network, pack_networks, set_reflect
 from models.packed import from_channels, pack_state_dicts, to_channels, unpack_state_dict
 from noise.inputs import DipInput, make_input
 from noise.schedules import alphas_cumprod, make_betas
-from study import images as img
+from study.engine import images as img
 from study.config import TrialConfig
-from study.metrics import psnr_batch, ssim
+from study.engine.metrics import psnr_batch, ssim
 from models.step import StepOptions, Stepper
 
 Report = Callable[[dict[str, float], "Trial"], None]

@@ -7,19 +7,14 @@ matplotlib, mlflow) happen inside the command functions.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import urllib.parse
 from pathlib import Path
 
-from study.presets import add_preset_flag, apply_preset
+from study.cli.common import root as common_root
+from study.cli.common import user_error
+from study.cli.presets import add_preset_flag, apply_preset
 
 __all__ = ["add_answer_parsers", "apply_preset", "cmd_apply", "cmd_report", "study_links"]
-
-
-def _error(e: Exception, code: int = 2) -> int:
-    print(f"error: {e}", file=sys.stderr)
-    return code
 
 
 def _report_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,14 +32,12 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_report(ns: argparse.Namespace) -> int:
     from study import report
 
-    root = ns.root or str(Path.cwd() / "studies")
     try:
-        if not Path(root).is_absolute():
-            raise ValueError(f"--root {root!r} must be an absolute path (e.g. {Path(root).absolute()})")
+        root = common_root(ns)
         out = Path(ns.out).absolute() if ns.out else None
         path = report.make_report(root, ns.study, out, baseline=not ns.no_baseline, log=not ns.no_log)
     except ValueError as e:
-        return _error(e)
+        return user_error(e)
     print(f"report written to {path}")
     return 0
 
@@ -84,7 +77,7 @@ def _apply_config(ns: argparse.Namespace):  # noqa: ANN202 - TrialConfig, import
 
 
 def cmd_apply(ns: argparse.Namespace) -> int:
-    from study.apply import APPLY_TASKS, ApplyOptions, apply
+    from study.engine.apply import APPLY_TASKS, ApplyOptions, apply
     from study.paths import check_writable
 
     try:
@@ -97,9 +90,9 @@ def cmd_apply(ns: argparse.Namespace) -> int:
         check_writable(out.parent, "--out folder")
         apply(cfg, ns.image, out, opts, progress=lambda s: print(s, flush=True))
     except ValueError as e:
-        return _error(e)
+        return user_error(e)
     except FloatingPointError as e:
-        return _error(e, code=1)
+        return user_error(e, code=1)
     return 0
 
 
@@ -114,13 +107,13 @@ def study_link(base: str, experiment_id: str, metric: str, mode: str) -> str:
 
 def study_links(root: str, host: str, port: int, limit: int = 10) -> list[str]:
     """One line per study under `root` (the latest `limit`): its name and runs-table link."""
-    from study.config import METRICS, StudyRecord
+    from study.config import METRICS
+    from study.studydir import read_record, study_files
 
     lines = []
-    metas = sorted(Path(root).glob("*/study.json"), key=lambda p: p.stat().st_mtime)[-limit:]
-    for path in metas:
+    for path in study_files(root)[-limit:]:
         try:
-            meta = StudyRecord.from_dict(json.loads(path.read_text()))
+            meta = read_record(path)
             metric = meta.study.metric
             link = study_link(f"http://{host}:{port}", meta.experiment_id, metric, METRICS[metric])
         except (OSError, ValueError, KeyError):

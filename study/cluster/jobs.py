@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 STUDY_KEY, ROOT_KEY, URI_KEY, COMMAND_KEY = "dip.study", "dip.root", "dip.tracking_uri", "dip.command"
 STOP_WAIT_KEY = "dip.stop_wait"
 # Seconds between the stop signal and SIGKILL: Tune stops its trials and saves its state,
@@ -156,7 +156,7 @@ class Cluster:
     def submit(self, study: str, command: str, argv: list[str], python: str, root: str,
                tracking_uri: str, stop_wait: int = STOP_WAIT_S) -> str:
         """Start `python run_study.py ARGV` as a job with this project as its working_dir."""
-        from study.tune import RUNTIME_EXCLUDES
+        from study.cluster.tune import RUNTIME_EXCLUDES
 
         job_id = f"dip-{study}-{time.strftime('%Y%m%d-%H%M%S')}"
         env = {"RAY_JOB_STOP_WAIT_TIME_S": str(stop_wait), "PYTHONUNBUFFERED": "1"}

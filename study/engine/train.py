@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from study import images as img
+from study.engine import images as img
 from study.config import TrialConfig
-from study.trial import Trial, run_trial
+from study.engine.trial import Trial, run_trial
 
 
 def progress_line(m: dict[str, float], total: int) -> str:

@@ -5,20 +5,17 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from study.jobs import PROJECT_ROOT, STOP_WAIT_S, Cluster, Job
+from study.cli import common
+from study.cli.common import build_study, check_added, user_error
+from study.cluster.jobs import PROJECT_ROOT, STOP_WAIT_S, Cluster, Job
+from study.paths import command as command_line
 
 SUBMITTABLE = ("run", "resume", "extend")
-
-
-def _error(e: Exception, code: int = 2) -> int:
-    print(f"error: {e}", file=sys.stderr)
-    return code
 
 
 def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -28,7 +25,7 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
         try:
             return fn(ns)
         except ValueError as e:
-            return _error(e)
+            return user_error(e)
     return run
 
 
@@ -104,11 +101,6 @@ def _inside_project(path: str, what: str) -> None:
                          "copy it there or use a bundled image")
 
 
-def _check_added(n: int) -> None:
-    if n <= 0:
-        raise ValueError(f"--num-samples {n} is not a number of trials to add; allowed: 1 or more")
-
-
 def _validate(command: str, ns: argparse.Namespace) -> tuple[str, str]:
     """The refusals of a local `run`/`resume`/`extend` that do not need the cluster's disk;
     returns (study name, root)."""
@@ -116,11 +108,10 @@ def _validate(command: str, ns: argparse.Namespace) -> tuple[str, str]:
         raise ValueError(f"submit needs --root as an absolute folder on the cluster's head (got {ns.root!r}), "
                          "e.g. --root /home/ubuntu/studies")
     if command == "extend":
-        _check_added(ns.num_samples)
+        check_added(ns.num_samples)
     if command != "run":
         return ns.study, ns.root
-    from run_study import build_study
-    from study.cli_answer import apply_preset
+    from study.cli.answer import apply_preset
     from study.config import BUNDLED_IMAGES
 
     s = build_study(apply_preset(ns))
@@ -129,7 +120,7 @@ def _validate(command: str, ns: argparse.Namespace) -> tuple[str, str]:
             _inside_project(image, "image")
     if s.space_file:
         _inside_project(s.space_file, "space file")
-    from study.images import preflight  # torch: only once the cheap checks passed
+    from study.engine.images import preflight  # torch: only once the cheap checks passed
     from study.space import load_space
 
     load_space(s.space_file or None, s.trial)
@@ -162,13 +153,9 @@ def cmd_submit(ns: argparse.Namespace) -> int:
     job_id = cluster.submit(name, command, argv, ns.python, root, uri, ns.stop_wait)
     print(f"submitted study {name!r} ({command}) as Ray job {job_id} on {cluster.url}")
     follow = ["--cluster", cluster.url]
-    print("follow it:\n  " + "\n  ".join(_cmd(*c) for c in (
+    print("follow it:\n  " + "\n  ".join(command_line(*c) for c in (
         ["status", name, *follow], ["logs", name, *follow, "--follow"], ["stop", name, *follow])))
     return 0
-
-
-def _cmd(*args: str) -> str:
-    return shlex.join(["python", "run_study.py", *args])
 
 
 # --- status -----------------------------------------------------------------------------
@@ -190,12 +177,10 @@ def _tracking_uri(ns: argparse.Namespace, job: Job | None, name: str | None) -> 
         return ns.tracking_uri
     if job is not None:
         return job.tracking_uri or f"sqlite:///{Path(job.root) / 'mlflow.db'}"
-    from run_study import _root
-
-    root = _root(ns)
+    root = common.root(ns)
     if name is None:
         return f"sqlite:///{Path(root) / 'mlflow.db'}"
-    from study.service import read_study
+    from study.studydir import read_study
 
     return read_study(root, name).current.resolved_tracking_uri
 
@@ -213,7 +198,7 @@ def _best(view: Any) -> tuple[Any, float] | None:
 
 def _searched(view: Any, trial: Any) -> str:
     """The trial's values of the searched parameters (timestep only where the mode uses it)."""
-    from study import tracking
+    from study.tracking import store as tracking
     from study.config import DDPM_MODES
 
     try:
@@ -270,7 +255,7 @@ def progress_lines(view: Any, now: float) -> list[str]:
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
-    from study import tracking
+    from study.tracking import store as tracking
 
     url = _cluster(ns)
     job = Cluster(url).latest(ns.study) if url else None
@@ -321,9 +306,9 @@ def cmd_stop(ns: argparse.Namespace) -> int:
     print(f"stopping job {job.id}: the study ends its trials cleanly (up to {job.stop_wait} s)...", flush=True)
     job = cluster.stop(job.id, timeout=job.stop_wait + 60)
     if not job.terminal:
-        return _error(ValueError(f"job {job.id} is still {job.status}; see `logs {ns.study}`"), code=1)
+        return user_error(ValueError(f"job {job.id} is still {job.status}; see `logs {ns.study}`"), code=1)
     print(f"job {job.id}: {job.status}. Continue the study with:\n  "
-          + _cmd("submit", "--cluster", cluster.url, "resume", ns.study, "--root", job.root))
+          + command_line("submit", "--cluster", cluster.url, "resume", ns.study, "--root", job.root))
     return 0
 
 
@@ -341,7 +326,7 @@ def _row(name: str, view: Any, store: str, extra: str = "") -> str:
 
 @functools.lru_cache(maxsize=None)  # several studies share one store: read it once
 def _views(uri: str) -> dict[str, Any]:
-    from study import tracking
+    from study.tracking import store as tracking
 
     try:
         return {v.name: v for v in tracking.study_views(uri)}
@@ -364,18 +349,17 @@ def _list_rows(ns: argparse.Namespace) -> list[str]:
         return [_row(name, _views(_tracking_uri(ns, j, None)).get(name), f"{j.root}/{name}",
                      f"  job {j.id} {j.status}") for name, j in latest.items()]
     if ns.tracking_uri:
-        from study import tracking
+        from study.tracking import store as tracking
 
         return [_row(v.name, v, f"{v.params.get('root', '?')}/{v.name}") for v in tracking.study_views(ns.tracking_uri)]
-    from run_study import _root
-    from study.service import STUDY_FILE, read_study
+    from study.studydir import read_study, study_names
 
-    root = _root(ns)
+    root = common.root(ns)
     if not Path(root).is_dir():
         raise ValueError(f"no studies under {root!r}: the folder does not exist")
     rows = []
-    for f in sorted(Path(root).glob(f"*/{STUDY_FILE}")):
-        s = read_study(root, f.parent.name).current
+    for name in study_names(root):
+        s = read_study(root, name).current
         rows.append(_row(s.name, _views(s.resolved_tracking_uri).get(s.name), str(s.study_dir)))
     return rows
 
@@ -383,10 +367,8 @@ def _list_rows(ns: argparse.Namespace) -> list[str]:
 # --- extend -------------------------------------------------------------------------------
 
 def cmd_extend(ns: argparse.Namespace) -> int:
-    from run_study import _root
-
-    root = _root(ns)
-    _check_added(ns.num_samples)  # before importing the service (torch, Ray): a quick refusal
+    root = common.root(ns)
+    check_added(ns.num_samples)  # before importing the service (torch, Ray): a quick refusal
     from study import service
 
     return service.extend(root, ns.study, ns.num_samples, ns.address or "")

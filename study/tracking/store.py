@@ -9,7 +9,7 @@ the driver ends the run:
 
 Writes after a study has started never call the server from the training loop or the
 driver's event loop: they become records (plain dicts, `*_record` below) that the study's
-relay stores in a durable spool (study/spool.py) and a `Courier` thread delivers in order,
+relay stores in a durable spool (study/tracking/spool.py) and a `Courier` thread delivers in order,
 for as long as the server is away. Every trial record is keyed by trial id, so a trial
 retried on another node, or resumed, continues its own run; metric steps already delivered
 are not delivered again (see `Courier._high_water`).
@@ -29,15 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-from study.records import (ROLE_TAG, TRIAL_TAG, dict_record, end_record, flat_params,
+from study.tracking.records import (ROLE_TAG, TRIAL_TAG, dict_record, end_record, flat_params,
                            metrics_record, tags_record)
-from study.spool import Record, Spool
+from study.tracking.spool import Record, Spool
 
 REASON_TAG = "dip.end_reason"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -326,7 +325,7 @@ def _short(e: Exception) -> str:
     return (text[-1] if text else type(e).__name__)[:200]
 
 
-# Read-only views of studies, for `status` and `list` (study/cli_jobs.py): from MLflow
+# Read-only views of studies, for `status` and `list` (study/cli/jobs.py): from MLflow
 # alone, so they work from anywhere that reaches the tracking server.
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import yaml
 
 from study.config import TrialConfig, load_config_file
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "presets"
 PRESET_KEYS = ("description", "study", "trial", "space", "profiles")
 PROFILES = ("cpu", "gpu")
 # Preset `study` keys -> the `run` parser's attribute names.

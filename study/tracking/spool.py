@@ -1,5 +1,5 @@
 """A durable first-in first-out queue of JSON records in one folder: what the MLflow
-courier (study/tracking.py) has not delivered yet survives a crash of its process and an
+courier (study/tracking/store.py) has not delivered yet survives a crash of its process and an
 outage of the server of any length, up to a size bound.
 
 Each `append` writes one batch file atomically (temporary file, fsync, rename), named by a

@@ -12,7 +12,7 @@ reaches its minimum and has not improved for `patience` iterations (Wang et al.,
 Stopping for Deep Image Prior", TMLR 2023; docs/science.md).
 
 The loop is written against the stable pieces (models/, noise/); sharing one loop with
-study/trial.py is a follow-up once its packed rewrite settles.
+study/engine/trial.py is a follow-up once its packed rewrite settles.
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ from models import build_network
 from noise.inputs import make_input
 from noise.schedules import alphas_cumprod, make_betas
 from study.config import TrialConfig
-from study.images import downsample, upsample
+from study.engine.images import downsample, upsample
 from study.paths import write_json
-from study.trial import resolve_device
+from study.engine.trial import resolve_device
 
 APPLY_TASKS = ("denoise", "inpaint", "sr")
 OUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")

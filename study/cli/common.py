@@ -1,0 +1,59 @@
+"""What every command shares: the one error printer, the root rule, the check of a number
+of trials to add, and how a study's images are named for the nodes that read them."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from study.cli.flags import build_config, study_overrides
+from study.config import BUNDLED_IMAGES, StudyConfig
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def user_error(e: Exception, code: int = 2) -> int:
+    """User errors: one sentence on stderr, no traceback."""
+    print(f"error: {e}", file=sys.stderr)
+    return code
+
+
+def default_root() -> str:
+    return str(Path.cwd() / "studies")
+
+
+def root(ns: argparse.Namespace) -> str:
+    """--root: absolute (a study's folder must mean the same on every node), else ./studies."""
+    if getattr(ns, "root", None) is None:
+        return default_root()
+    if not os.path.isabs(ns.root):
+        raise ValueError(f"--root {ns.root!r} must be an absolute path (e.g. {Path(ns.root).absolute()})")
+    return os.path.normpath(ns.root)
+
+
+def check_added(n: int) -> None:
+    if n <= 0:
+        raise ValueError(f"--num-samples {n} is not a number of trials to add; allowed: 1 or more")
+
+
+def worker_path(image: str) -> str:
+    """How a trial on any node finds an image file: inside the project (which travels to
+    every node as Ray's working_dir, the trials' working folder), relative to it; else
+    absolute, which only this node (or a shared mount) can read."""
+    if image in BUNDLED_IMAGES:
+        return image
+    path = os.path.abspath(image)
+    rel = os.path.relpath(path, PROJECT)
+    inside = not rel.startswith("..") and Path.cwd().resolve() == PROJECT.resolve()
+    return rel if inside else path
+
+
+def build_study(ns: argparse.Namespace) -> StudyConfig:
+    base = {"seed": ns.study_seed} if ns.study_seed is not None else {}
+    trial = build_config(ns, base)
+    trial = trial.replace(images=tuple(worker_path(i) for i in trial.images))
+    d = {**study_overrides(ns), "root": root(ns)}
+    d.setdefault("name", f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    return StudyConfig(trial=trial, **d)

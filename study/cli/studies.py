@@ -1,0 +1,87 @@
+"""`run`, `resume`, `export` and `ui`: a study on this machine or a cluster."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from study.cli.answer import study_links
+from study.cli.common import build_study, root, user_error
+from study.cli.flags import add_config_flags, add_study_flags
+from study.cli.presets import apply_preset
+from study.paths import check_writable
+
+
+def _study_flags(p: argparse.ArgumentParser) -> None:
+    add_study_flags(p)
+    p.add_argument("--config", metavar="FILE.json", help="base trial config (or an export); flags override it")
+    add_config_flags(p, skip=("seed",))
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from study import service
+
+    try:
+        s = build_study(apply_preset(ns))
+        print(f"study {s.name!r}: {s.num_samples} trials of {s.trial.iterations} iterations on "
+              f"{', '.join(s.trial.images)} ({s.trial.task}, {s.trial.size}px), metric {s.metric}; "
+              f"data under {s.root}", flush=True)
+        return service.run(s)
+    except ValueError as e:
+        return user_error(e)
+
+
+def cmd_resume(ns: argparse.Namespace) -> int:
+    from study import service
+
+    try:
+        return service.resume(root(ns), ns.study, ns.address or "")
+    except ValueError as e:
+        return user_error(e)
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from study import service
+
+    try:
+        out = Path(ns.out).absolute()
+        check_writable(out.parent, "--out folder")
+        best = service.export_study(root(ns), ns.study, out)
+    except ValueError as e:
+        return user_error(e)
+    print(f"exported trial {best.trial_id} ({best.metric} = {best.value:.4f}, "
+          f"MLflow run {best.mlflow_run_id}) to {out}")
+    return 0
+
+
+def cmd_ui(ns: argparse.Namespace) -> int:
+    from study import service
+
+    try:
+        cmd = service.ui_command(root(ns), ns.host, ns.port)
+    except ValueError as e:
+        return user_error(e)
+    print(f"MLflow UI at http://{ns.host}:{ns.port}  (Ctrl-C stops it)", flush=True)
+    print("\n".join(["each study's trial runs, best first:", *study_links(root(ns), ns.host, ns.port)]), flush=True)
+    os.execv(cmd[0], cmd)
+
+
+def add_study_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a study: Ray Tune + Optuna, recorded in MLflow")
+    _study_flags(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("resume", help="continue an interrupted study")
+    p.add_argument("study", metavar="NAME")
+    p.add_argument("--root", help="the study's root [./studies]")
+    p.add_argument("--address", help="Ray cluster address [the study's own]")
+    p.set_defaults(func=cmd_resume)
+    p = sub.add_parser("export", help="write the best configuration of a study as JSON")
+    p.add_argument("study", metavar="NAME")
+    p.add_argument("--root", help="the study's root [./studies]")
+    p.add_argument("--out", required=True, metavar="FILE.json", help="where to write it")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("ui", help="open the MLflow UI on a root's store")
+    p.add_argument("--root", help="the root [./studies]")
+    p.add_argument("--host", default="127.0.0.1", help="[127.0.0.1]")
+    p.add_argument("--port", type=int, default=5000, help="[5000]")
+    p.set_defaults(func=cmd_ui)

@@ -1,0 +1,55 @@
+"""What a study yields, as frozen records that cross rooms: how its trials ended
+(FitSummary) and its best trial (BestTrial)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FitSummary:
+    """How a study's trials ended, as the driver saw it (written to the parent run)."""
+
+    asked: int                # trials the study asks for
+    started: int              # trials Tune created
+    finished: int             # ended FINISHED: completed, or stopped early by the scheduler
+    failed: int               # ended FAILED: an error, or retries spent
+    experiment_path: str      # Ray Tune's experiment folder or URI
+    unended: tuple[str, ...] = ()  # ids of started trials that did not end (interrupted)
+    lost: tuple[str, ...] = ()     # ids of trials a killed driver's saved state never knew
+
+    @property
+    def ended(self) -> int:
+        return self.finished + self.failed
+
+    @property
+    def complete(self) -> bool:
+        return self.ended >= self.asked
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "unended": list(self.unended), "lost": list(self.lost),
+                "ended": self.ended,
+                "complete": self.complete}
+
+
+
+@dataclass(frozen=True)
+class BestTrial:
+    """A study's best trial as exported (best.json) and recorded on the parent run; its
+    `config` is what `train --config` and `apply --config` replay."""
+
+    study: str                   # the study's name
+    metric: str                  # the study's objective
+    mode: str                    # max or min
+    value: float                 # the objective's value at the trial's last report
+    trial_id: str                # Ray Tune's trial id (MLflow tag dip.trial_id)
+    mlflow_run_id: str           # the trial's child run
+    completed: bool              # ran all its iterations (else stopped early: a fallback)
+    tracking_uri: str            # where the run is
+    metrics: dict[str, float]    # every metric of the trial's last report
+    config: dict[str, Any]       # the trial's complete TrialConfig
+    exported_at: str             # local time of the export
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,112 @@
+"""The study folder, ROOT/NAME: its record study.json (StudyRecord, one StudyStage per
+`extend`), read, written and listed here only.
+
+    ROOT/mlflow.db                 the MLflow store (unless --tracking-uri names a server)
+    ROOT/artifacts/NAME/           MLflow artifacts of study NAME (local store)
+    ROOT/NAME/study.json           the StudyConfig and the ids of its experiment and parent run
+    ROOT/NAME/ray/tune/            Ray Tune's results, checkpoints and searcher (Optuna) state
+    ROOT/NAME/trials.json          which trials started and which the driver saw end
+    ROOT/NAME/spool/               MLflow records waiting for the server (empty when delivered)
+    ROOT/NAME/best.json            the exported best configuration
+    ROOT/NAME/report/              the study's report
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from study.config import StudyConfig, check_keys
+from study.paths import write_json
+
+STUDY_FILE = "study.json"
+
+
+@dataclass(frozen=True)
+class StudyStage:
+    """One `extend` of a study: its own Tune experiment, the whole study's trial count."""
+
+    study: StudyConfig           # the settings this stage runs with
+    added: int                   # trials it adds
+    first_trial: int             # number of its first trial (trial_NNNN)
+    created: str                 # local time it started
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "study": self.study.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StudyStage":
+        check_keys(cls, d, "study stage key")
+        return cls(**{**d, "study": StudyConfig.from_dict(d["study"])})
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """ROOT/NAME/study.json: a study's settings and where MLflow keeps it."""
+
+    study: StudyConfig           # the settings of its first `run`
+    experiment_id: str           # its MLflow experiment
+    parent_run_id: str           # its MLflow parent run
+    space: dict[str, Any]        # the search space's spec (study/space.py)
+    created: str                 # local time it started
+    extensions: tuple[StudyStage, ...] = ()  # every `extend`, oldest first
+
+    @property
+    def current(self) -> StudyConfig:
+        """The settings as the latest stage runs them (a `resume` continues that one)."""
+        return self.extensions[-1].study if self.extensions else self.study
+
+    def extended(self, stage: StudyStage) -> "StudyRecord":
+        return dataclasses.replace(self, extensions=(*self.extensions, stage))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"study": self.study.to_dict(), "experiment_id": self.experiment_id,
+                "parent_run_id": self.parent_run_id, "space": self.space, "created": self.created,
+                "extensions": [e.to_dict() for e in self.extensions]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StudyRecord":
+        check_keys(cls, d, "study.json key")
+        return cls(**{**d, "study": StudyConfig.from_dict(d["study"]),
+                      "extensions": tuple(StudyStage.from_dict(e) for e in d.get("extensions") or ())})
+
+
+def record_path(root: str, name: str) -> Path:
+    return Path(root) / name / STUDY_FILE
+
+
+def study_files(root: str) -> list[Path]:
+    """Every study record under `root`, oldest first (by when it was last written)."""
+    if not Path(root).is_dir():
+        return []
+    return sorted(Path(root).glob(f"*/{STUDY_FILE}"), key=lambda p: p.stat().st_mtime)
+
+
+def study_names(root: str) -> list[str]:
+    return sorted(p.parent.name for p in study_files(root))
+
+
+def exists(s: StudyConfig) -> bool:
+    return (s.study_dir / STUDY_FILE).exists()
+
+
+def read_record(path: Path) -> StudyRecord:
+    """One study.json; ValueError with a sentence when it is not one this version reads."""
+    try:
+        return StudyRecord.from_dict(json.loads(path.read_text()))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{str(path)!r} is not a study record this version can read ({e}); "
+                         "it must hold study, experiment_id, parent_run_id, space and created") from None
+
+
+def read_study(root: str, name: str) -> StudyRecord:
+    path = record_path(root, name)
+    if not path.is_file():
+        raise ValueError(f"no study {name!r} under {root!r}; studies there: {', '.join(study_names(root)) or 'none'}")
+    return read_record(path)
+
+
+def write_study(record: StudyRecord) -> None:
+    write_json(record.study.study_dir / STUDY_FILE, record.to_dict())
