@@ -6,11 +6,14 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from study.config import StudyConfig
-from study.results import BestTrial
 from study.paths import write_json
+from study.results import BestTrial
+
+if TYPE_CHECKING:  # mlflow is slow to import
+    from study.tracking.store import StudyTracker
 
 
 def pick_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
@@ -31,7 +34,7 @@ def pick_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str,
     return None
 
 
-def best_trial(tracker: Any, s: StudyConfig) -> BestTrial | None:
+def best_trial(tracker: StudyTracker, s: StudyConfig) -> BestTrial | None:
     best = pick_best(tracker.trial_summaries(), s.metric, s.mode)
     if best is None:
         return None

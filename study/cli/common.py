@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from study.cli.flags import build_config, study_overrides
+from study.cli.flags import build_config, study_dest, study_overrides
 from study.config import BUNDLED_IMAGES, StudyConfig
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,8 @@ def worker_path(image: str) -> str:
 
 
 def build_study(ns: argparse.Namespace) -> StudyConfig:
-    base = {"seed": ns.study_seed} if ns.study_seed is not None else {}
+    seed = getattr(ns, study_dest("seed"))
+    base = {"seed": seed} if seed is not None else {}
     trial = build_config(ns, base)
     trial = trial.replace(images=tuple(worker_path(i) for i in trial.images))
     d = {**study_overrides(ns), "root": root(ns)}

@@ -90,7 +90,7 @@ def add_study_flags(p: argparse.ArgumentParser) -> None:
         if f.name in STUDY_SKIP:
             continue
         flag = STUDY_FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
-        dest = STUDY_DESTS.get(f.name, f.name)
+        dest = study_dest(f.name)
         default = STUDY_DEFAULT_TEXT.get(f.name, f.default)
         text = f"{comments.get(f.name, '')} [{default}]"
         if f.name in STUDY_CHOICES:
@@ -102,11 +102,16 @@ def add_study_flags(p: argparse.ArgumentParser) -> None:
                            metavar=hints[f.name].__name__.upper(), help=text.replace("%", "%%"))
 
 
+def study_dest(name: str) -> str:
+    """The parser attribute of a study or trial field: `seed` seeds the whole study on `run`."""
+    return STUDY_DESTS.get(name, name)
+
+
 def study_overrides(ns: argparse.Namespace) -> dict[str, Any]:
     """The study settings a user typed (the trial ones go through `build_config`)."""
     out = {}
     for f in dataclasses.fields(StudyConfig):
-        v = getattr(ns, STUDY_DESTS.get(f.name, f.name), None)
+        v = getattr(ns, study_dest(f.name), None)
         if f.name not in STUDY_SKIP and v is not None:
             out[f.name] = v
     return out

@@ -8,12 +8,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from study.cli import common
 from study.cli.common import build_study, check_added, user_error
 from study.cluster.jobs import PROJECT_ROOT, STOP_WAIT_S, Cluster, Job
 from study.paths import command as command_line
+
+if TYPE_CHECKING:  # mlflow is slow to import: the views' module only for the type checker
+    from study.tracking.store import StudyView, TrialView
 
 SUBMITTABLE = ("run", "resume", "extend")
 
@@ -185,7 +188,7 @@ def _tracking_uri(ns: argparse.Namespace, job: Job | None, name: str | None) -> 
     return read_study(root, name).current.resolved_tracking_uri
 
 
-def _best(view: Any) -> tuple[Any, float] | None:
+def _best(view: StudyView) -> tuple[TrialView, float] | None:
     from study.config import METRICS
     from study.export import pick_best
 
@@ -196,7 +199,7 @@ def _best(view: Any) -> tuple[Any, float] | None:
     return (best["t"], best["metrics"][metric]) if best else None
 
 
-def _searched(view: Any, trial: Any) -> str:
+def _searched(view: StudyView, trial: TrialView) -> str:
     """The trial's values of the searched parameters (timestep only where the mode uses it)."""
     from study.tracking import store as tracking
     from study.config import DDPM_MODES
@@ -217,7 +220,7 @@ def _short_number(v: str) -> str:
         return v
 
 
-def _busy(trials: Any, now: float) -> float:
+def _busy(trials: tuple[TrialView, ...], now: float) -> float:
     """Seconds during which at least one trial ran: the study's time, without the gaps
     between a stop and its resume or between `extend`s."""
     spans = sorted((t.start, t.end or now) for t in trials if t.start)
@@ -229,7 +232,7 @@ def _busy(trials: Any, now: float) -> float:
     return total
 
 
-def progress_lines(view: Any, now: float) -> list[str]:
+def progress_lines(view: StudyView, now: float) -> list[str]:
     """Trials by state, the best so far, iterations per second and an ETA."""
     counts = {k: sum(t.status == k for t in view.trials) for k in ("FINISHED", "RUNNING", "FAILED", "KILLED")}
     pending = max(0, view.asked - len(view.trials))
@@ -314,7 +317,7 @@ def cmd_stop(ns: argparse.Namespace) -> int:
 
 # --- list ---------------------------------------------------------------------------------
 
-def _row(name: str, view: Any, store: str, extra: str = "") -> str:
+def _row(name: str, view: StudyView | None, store: str, extra: str = "") -> str:
     if view is None:
         return f"{name:<24} {'-':>9}  {'-':<9} {'-':>10}  {'-':<16}  {store}{extra}"
     ended = sum(t.status in ("FINISHED", "FAILED") for t in view.trials)
@@ -325,7 +328,7 @@ def _row(name: str, view: Any, store: str, extra: str = "") -> str:
 
 
 @functools.lru_cache(maxsize=None)  # several studies share one store: read it once
-def _views(uri: str) -> dict[str, Any]:
+def _views(uri: str) -> dict[str, StudyView]:
     from study.tracking import store as tracking
 
     try:

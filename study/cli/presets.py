@@ -17,20 +17,16 @@ from typing import Any
 
 import yaml
 
+from study.cli.flags import study_dest
 from study.config import TrialConfig, load_config_file
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "presets"
 PRESET_KEYS = ("description", "study", "trial", "space", "profiles")
 PROFILES = ("cpu", "gpu")
-# Preset `study` keys -> the `run` parser's attribute names.
-STUDY_KEYS = {"name": "name", "num_samples": "num_samples", "metric": "metric",
-              "scheduler": "scheduler", "grace_period": "grace_period",
-              "max_concurrent": "max_concurrent", "cpus_per_trial": "cpus_per_trial",
-              "gpus_per_trial": "gpus_per_trial", "image_every": "image_every",
-              "seed": "study_seed"}
-# Trial fields a preset may name before this build has them (another issue adds them):
-# skipped with a note instead of refusing the preset.
-OPTIONAL_TRIAL_KEYS = ("repeats",)
+# Preset `study` keys: the StudyConfig fields a preset may set (to the `run` parser's names
+# through flags.study_dest, the one owner of renames such as seed -> study_seed).
+STUDY_KEYS = ("name", "num_samples", "metric", "scheduler", "grace_period", "max_concurrent",
+              "cpus_per_trial", "gpus_per_trial", "image_every", "seed")
 
 
 @dataclass(frozen=True)
@@ -102,7 +98,7 @@ def _check_trial_keys(d: Any, path: Path) -> None:
     if not isinstance(d, dict):
         raise ValueError(f"preset {str(path)!r}: a trial section must be a mapping, got {d!r}")
     names = {f.name for f in dataclasses.fields(TrialConfig)}
-    bad = sorted(set(d) - names - set(OPTIONAL_TRIAL_KEYS))
+    bad = sorted(set(d) - names)
     if bad:
         raise ValueError(f"preset {str(path)!r}: unknown config field(s) {', '.join(bad)}; "
                          f"allowed: {', '.join(sorted(names))}")
@@ -112,18 +108,14 @@ def choose_profile(preset: Preset, gpus_per_trial: float | None) -> str:
     return "gpu" if gpus_per_trial is not None and gpus_per_trial > 0 else "cpu"
 
 
-def preset_values(preset: Preset, profile: str) -> tuple[dict[str, Any], list[str]]:
-    """The run-parser attributes the preset sets, and notes on what it skipped."""
-    fields = {f.name for f in dataclasses.fields(TrialConfig)}
+def preset_values(preset: Preset, profile: str) -> dict[str, Any]:
+    """The run-parser attributes the preset sets."""
     trial = {**preset.trial, **preset.profiles.get(profile, {})}
-    notes = [f"{k} = {trial.pop(k)!r} skipped: this build has no `{k}` config field"
-             for k in OPTIONAL_TRIAL_KEYS if k in trial and k not in fields]
-    values = {("study_seed" if k == "seed" else k): v for k, v in trial.items()}
-    values.update({STUDY_KEYS[k]: v for k, v in preset.study.items()})
+    values = {study_dest(k): v for k, v in {**trial, **preset.study}.items()}
     if preset.space is not None:
         values["space_file"] = str(preset.space)
     values.setdefault("name", f"{preset.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return values, notes
+    return values
 
 
 def apply_preset(ns: argparse.Namespace) -> argparse.Namespace:
@@ -134,15 +126,13 @@ def apply_preset(ns: argparse.Namespace) -> argparse.Namespace:
         return ns
     preset = load_preset(spec)
     profile = choose_profile(preset, getattr(ns, "gpus_per_trial", None))
-    values, notes = preset_values(preset, profile)
+    values = preset_values(preset, profile)
     in_config = set(load_config_file(ns.config)) if getattr(ns, "config", None) else set()
     out = argparse.Namespace(**vars(ns))
     for k, v in values.items():
         if getattr(out, k, None) is None and k not in in_config:
             setattr(out, k, tuple(v) if k == "images" else v)
     print(f"preset {preset.name} ({profile} profile): {preset.description}", flush=True)
-    for n in notes:
-        print(f"preset {preset.name}: {n}", flush=True)
     return out
 
 
