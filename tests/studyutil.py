@@ -6,8 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -55,6 +56,15 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path | None = None, timeout
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{url} did not answer within {timeout:.0f} s: {output()}")
+
+
+def wait_until(cond: Callable[[], Any], what: str, timeout: float = 120, poll: float = 0.2) -> Any:
+    """Poll `cond` until it is truthy (returns its value); fail naming `what` at the deadline."""
+    deadline = time.time() + timeout
+    while not (value := cond()):
+        assert time.time() < deadline, f"{what} did not happen within {timeout:.0f} s"
+        time.sleep(poll)
+    return value
 
 
 def free_ports(n: int, host: str = "") -> list[int]:

@@ -11,7 +11,7 @@ import pytest
 from study.tracking.spool import Spool
 from study.tracking.records import TrialLogger, end_record, metrics_record, run_create_info, tags_record
 from study.tracking.store import Courier
-from studyutil import MlflowServer, client
+from studyutil import MlflowServer, client, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +109,7 @@ def test_courier_waits_for_a_server_that_is_away(tmp_path):
     lines: list[str] = []
     courier = Courier(Spool(tmp_path / "spool"), uri, say=lines.append, max_backoff=1.0).start()
     courier.put([metrics_record({"x": float(i)}, i, run_id="not-yet") for i in range(3)])
-    time.sleep(3)
+    wait_until(lambda: courier.status()["down_since"], "the courier seeing the server away", timeout=60)
     assert courier.status()["pending_batches"] == 1 and courier.status()["down_since"]
     try:
         server.start()
