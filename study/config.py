@@ -347,8 +347,15 @@ def validate_study(s: StudyConfig) -> None:
 
 # Short labels of searched fields in run names; the others show as `field=value`.
 RUN_NAME_LABELS = {"timestep": "t", "reg_noise_std": "reg"}
-# Fields that only matter for some input modes (as the search space's CONDITIONAL).
-_MODE_ONLY = {"timestep": DDPM_MODES, "reg_noise_std": ("uniform",)}
+# Fields that only matter for some input modes: the search space suggests them, run names
+# and the report show them, only for those modes.
+MODE_ONLY = {"timestep": DDPM_MODES, "reg_noise_std": ("uniform",)}
+
+
+def mode_uses(name: str, mode: str) -> bool:
+    """Whether field `name` matters for input mode `mode` (True unless it is mode-only and
+    `mode` is not among its modes)."""
+    return mode in MODE_ONLY.get(name, (mode,))
 
 
 def _run_name_value(v: Any) -> str:
@@ -363,7 +370,7 @@ def trial_run_name(cfg: TrialConfig, searched: list[str]) -> str:
     uniform trial has no t); with nothing searched, the mode alone."""
     parts = [cfg.noise_mode]
     for name in searched:
-        if name == "noise_mode" or cfg.noise_mode not in _MODE_ONLY.get(name, (cfg.noise_mode,)):
+        if name == "noise_mode" or not mode_uses(name, cfg.noise_mode):
             continue
         parts.append(f"{RUN_NAME_LABELS.get(name, name)}={_run_name_value(getattr(cfg, name))}")
     return " ".join(parts)

@@ -5,8 +5,9 @@ mode and per image (with the image's mean brightness), the metric against timest
 learning rate, a classical baseline on the same observations (BM3D for denoising,
 bicubic for super-resolution), the oracle `psnr_best` labelled as such, the best
 configuration's output next to the observation and the clean image, and Optuna's own
-plots. It reads the trials through the tracking room (study/tracking/store.py) and Optuna's
-record through the space room (study/space.py); it never imports mlflow.
+plots. It reads the trials through the tracking room (study/tracking/store.py) and draws
+Optuna's plots through the space room (study/space.py optuna_figures); the images, the
+baseline and the best-output grid are study/report_images.py. It never imports mlflow or optuna.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import math
 import os
 import statistics
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,10 @@ import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
-from study.engine import images as img  # noqa: E402
-from study.config import DDPM_MODES, NOISE_MODES, StudyConfig, TrialConfig  # noqa: E402
-from study.engine.metrics import psnr, ssim  # noqa: E402
+from study.config import DDPM_MODES, NOISE_MODES, StudyConfig, TrialConfig, mode_uses  # noqa: E402
+from study.report_images import ImageFacts, best_grid, best_output, image_facts  # noqa: E402
+from study.space import optuna_figures  # noqa: E402
 
 HONEST = "psnr_ema"   # the honest final number of a trial (no clean image involved in choosing it)
 ORACLE = "psnr_best"  # the best EMA PSNR over iterations: it looks at the clean image
@@ -67,7 +66,7 @@ def trial_rows(runs: list[dict[str, Any]], base: TrialConfig) -> list[TrialRow]:
             continue
         p = r["params"]
         mode = p.get("noise_mode", base.noise_mode)
-        t = int(p.get("timestep", base.timestep)) if mode in DDPM_MODES else None
+        t = int(p.get("timestep", base.timestep)) if mode_uses("timestep", mode) else None
         rows.append(TrialRow(r["run_name"], r["run_id"], _state(r), mode, t, float(p.get("lr", base.lr)),
                              int(r["metrics"].get("iteration", 0)), r["metrics"]))
     return sorted(rows, key=lambda row: row.name)
@@ -87,61 +86,6 @@ def _f(v: float | None, nd: int = 2) -> str:
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-# --- images: brightness, observations, the classical baseline ---
-
-@dataclass
-class ImageFacts:
-    label: str
-    spec: str
-    brightness: float          # mean of the clean image at the study's size, in [0, 1]
-    observation_psnr: float    # mean over repeats
-    baseline_psnr: float | None
-    baseline_ssim: float | None
-    clean: torch.Tensor
-    observation: torch.Tensor  # repeat 0: the one the trial's logged images show
-    baseline: torch.Tensor | None
-
-
-def _baseline(y: img.Degraded, cfg: TrialConfig) -> torch.Tensor | None:
-    """BM3D (Dabov et al. 2007; PyPI bm3d) on the noisy image, bicubic for sr, none else."""
-    if cfg.task == "sr":
-        return y.input_image  # the bicubic upsampling of the low-res observation
-    if cfg.task != "denoise":
-        return None
-    import bm3d
-
-    z = y.observation[0].permute(1, 2, 0).double().numpy()
-    out = bm3d.bm3d_rgb(z, cfg.sigma) if z.shape[2] == 3 else bm3d.bm3d(z[:, :, 0], cfg.sigma)
-    out = torch.from_numpy(out.reshape(z.shape)).float()
-    return out.permute(2, 0, 1)[None].clamp(0, 1)
-
-
-def image_facts(base: TrialConfig, baseline: bool) -> list[ImageFacts]:
-    """Each image's observations exactly as the trials drew them (repeat r of image j:
-    seed + r + j * SEED_STRIDE, see study/engine/trial.py), and the baseline on the same ones."""
-    from study.engine.trial import SEED_STRIDE, unique_labels
-
-    specs = img.expand_images(base.images)
-    out = []
-    for j, (spec, label) in enumerate(zip(specs, unique_labels(specs), strict=True)):
-        clean = img.load_image(spec, base.size, base.color)
-        obs_p, base_p, base_s, first, first_b = [], [], [], None, None
-        for r in range(getattr(base, "repeats", 1)):
-            g = torch.Generator().manual_seed(base.seed + r + j * SEED_STRIDE)
-            y = img.degrade(clean, base, g)
-            b = _baseline(y, base) if baseline else None
-            obs_p.append(psnr(y.input_image, clean))
-            if b is not None:
-                base_p.append(psnr(b, clean))
-                base_s.append(ssim(b, clean))
-            if r == 0:
-                first, first_b = y.observation if base.task != "sr" else y.input_image, b
-        out.append(ImageFacts(label, spec, float(clean.mean()), statistics.fmean(obs_p),
-                              statistics.fmean(base_p) if base_p else None,
-                              statistics.fmean(base_s) if base_s else None, clean, first, first_b))
-    return out
 
 
 # --- figures ---
@@ -174,60 +118,6 @@ def _draw_scatter(pts: list[TrialRow], x: str, metric: str, path: Path, log: boo
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _optuna_figures(study_dir: Path, name: str, out: Path) -> list[tuple[str, str]]:
-    """Optuna's own view of the study (optimisation history, importances, slices)."""
-    import optuna.visualization.matplotlib as ovm
-
-    from study.space import load_optuna_study
-
-    study = load_optuna_study(study_dir, name)
-    if study is None:
-        return []
-    made = []
-    for fname, title, plot in (("optuna_history.png", "optimisation history", ovm.plot_optimization_history),
-                               ("optuna_importances.png", "parameter importances", ovm.plot_param_importances),
-                               ("optuna_slice.png", "slice plot", ovm.plot_slice)):
-        try:
-            with warnings.catch_warnings():  # "experimental" since optuna 2.2; tight_layout notes
-                warnings.simplefilter("ignore")
-                ax = plot(study)
-        except (ValueError, RuntimeError) as e:  # e.g. too few finished trials
-            made.append(("", f"{title}: not drawn ({e})"))
-            continue
-        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-        fig.set_size_inches(max(6.4, fig.get_size_inches()[0]), 4.0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        made.append((fname, title))
-    return made
-
-
-def _best_grid(facts: list[ImageFacts], best_images: list[torch.Tensor | None], path: Path) -> None:
-    """Per image one row: observation | best configuration's output | baseline | clean."""
-    from torchvision.utils import make_grid, save_image
-
-    tiles = []
-    for f, out in zip(facts, best_images, strict=True):
-        row = [f.observation, out, f.baseline, f.clean]
-        tiles += [(t if t is not None else torch.zeros_like(f.clean)).expand(1, 3, -1, -1) for t in row]
-    k = max(1, 128 // tiles[0].shape[-1])  # small study images shown at >= 128 px, pixels kept
-    tiles = [torch.nn.functional.interpolate(t, scale_factor=k, mode="nearest")[0] for t in tiles]
-    save_image(make_grid(tiles, nrow=4, padding=2, pad_value=1.0), path)
-
-
-def _best_output(uri: str, run_id: str, label: str, several: bool) -> torch.Tensor | None:
-    """The best trial's final output average as logged (its last output if it has none)."""
-    from study.tracking import store as tracking
-
-    pre = f"{label}/" if several else ""
-    a = tracking.run_image(uri, run_id, f"{pre}output_ema")
-    a = a if a is not None else tracking.run_image(uri, run_id, f"{pre}output")
-    return None if a is None else torch.from_numpy(a.astype("float32") / 255.0).permute(2, 0, 1)[None]
 
 
 # --- sections ---
@@ -417,10 +307,10 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
     best = _pick_best(rows, s)
     labels = [f.label for f in facts]
     if best is not None:
-        outputs = [_best_output(s.resolved_tracking_uri, best.run_id, lb, len(labels) > 1) for lb in labels]
-        _best_grid(facts, outputs, out / "best_outputs.png")
+        outputs = [best_output(s.resolved_tracking_uri, best.run_id, lb, len(labels) > 1) for lb in labels]
+        best_grid(facts, outputs, out / "best_outputs.png")
     image_table, per_mode = _image_section(rows, facts, s.trial)
-    optuna_figs = _optuna_figures(s.study_dir, s.name, out)
+    optuna_figs = optuna_figures(s.study_dir, s.name, out)
     bl = {"denoise": "BM3D (PyPI `bm3d`, sigma given)", "sr": "bicubic upsampling"}.get(s.trial.task)
     parts = [
         _header(s, rows, meta, searched),

@@ -1,5 +1,6 @@
 """The search space: what Optuna proposes for each trial (define-by-run), and the space
-file (YAML or JSON) that narrows or widens it.
+file (YAML or JSON) that narrows or widens it; also the study's Optuna record (optuna.db)
+and Optuna's plots of it for the report. The only module that imports optuna.
 
 A space file maps a TrialConfig field to one of:
     [a, b, c]               categorical choice
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
 import yaml
 
-from study.config import DDPM_MODES, NOISE_MODES, TrialConfig
+from study.config import NOISE_MODES, TrialConfig, mode_uses
 
 # The default space: every input mode, t over the useful range of the linear schedule
 # (alpha_bar_300 = 0.39: past that little of the image survives), lr on a log scale.
@@ -30,8 +32,6 @@ DEFAULT_SPACE: dict[str, Any] = {
     "timestep": {"low": 0, "high": 300},
     "lr": {"low": 1e-4, "high": 1e-1, "log": True},
 }
-# Only meaningful for some modes: suggested only when the mode uses them.
-CONDITIONAL = {"timestep": DDPM_MODES, "reg_noise_std": ("uniform",)}
 NOT_SEARCHABLE = ("images", "device", "iterations", "report_every", "seed")
 
 
@@ -121,12 +121,13 @@ class SearchSpace:
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         """Define-by-run: suggest each parameter; those a mode does not use are skipped, so
-        Optuna's history holds only values that mattered. Returns the fixed values."""
+        Optuna's history holds only values that mattered (study/config.py MODE_ONLY).
+        Returns the fixed values."""
         chosen: dict[str, Any] = {}
         fixed: dict[str, Any] = {}
         for p in self.params:
             mode = chosen.get("noise_mode", fixed.get("noise_mode"))
-            if p.name in CONDITIONAL and mode is not None and mode not in CONDITIONAL[p.name]:
+            if mode is not None and not mode_uses(p.name, mode):
                 continue
             if p.kind == "fixed":
                 fixed[p.name] = p.choices[0]
@@ -177,3 +178,35 @@ def load_optuna_study(study_dir: str | Path, name: str) -> optuna.Study | None:
         return optuna.load_study(study_name=name, storage=make_storage(path))
     except KeyError:  # the file exists but holds no study of that name
         return None
+
+
+def optuna_figures(study_dir: str | Path, name: str, out: Path) -> list[tuple[str, str]]:
+    """Optuna's own view of the study (optimisation history, importances, slices) as PNGs
+    under `out`, for the report: (file name, title) per plot, or ("", why not drawn); none
+    if the study has no Optuna record. The caller picks the matplotlib backend."""
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+
+    study = load_optuna_study(study_dir, name)
+    if study is None:
+        return []
+    made = []
+    for fname, title, plot in (("optuna_history.png", "optimisation history", ovm.plot_optimization_history),
+                               ("optuna_importances.png", "parameter importances", ovm.plot_param_importances),
+                               ("optuna_slice.png", "slice plot", ovm.plot_slice)):
+        try:
+            with warnings.catch_warnings():  # "experimental" since optuna 2.2; tight_layout notes
+                warnings.simplefilter("ignore")
+                ax = plot(study)
+        except (ValueError, RuntimeError) as e:  # e.g. too few finished trials
+            made.append(("", f"{title}: not drawn ({e})"))
+            continue
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        fig.set_size_inches(max(6.4, fig.get_size_inches()[0]), 4.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fig.tight_layout()
+        fig.savefig(Path(out) / fname, dpi=110)
+        plt.close(fig)
+        made.append((fname, title))
+    return made
