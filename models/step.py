@@ -12,7 +12,7 @@ trajectory within tolerance (bench/throughput.py prints it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -43,14 +43,6 @@ class StepOptions:
             raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
         if self.reflect not in ("native", "cat"):
             raise ValueError(f"unknown reflection padding {self.reflect!r}; allowed: native, cat")
-
-    def describe(self) -> str:
-        on = [f.name for f in fields(self) if f.name not in ("pack", "reflect") and getattr(self, f.name)]
-        if not self.pack:
-            on.insert(0, "separate")
-        if self.reflect != "native":
-            on.append(f"reflect_{self.reflect}")
-        return "+".join(on) or "fp32_eager"
 
     def adam(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
         """Adam is elementwise, so one optimizer over packed parameters is one per network."""

@@ -103,6 +103,11 @@ class TrialConfig:
         d["images"] = list(self.images)
         return d
 
+    def used_dict(self) -> dict[str, Any]:
+        """The fields this trial's input mode uses (what MLflow shows as its params: a
+        uniform trial has no timestep); `to_dict` stays the complete record."""
+        return {k: v for k, v in self.to_dict().items() if mode_uses(k, self.noise_mode)}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrialConfig":
         check_keys(cls, d, "config key")

@@ -45,7 +45,7 @@ def _baseline(y: img.Degraded, cfg: TrialConfig) -> torch.Tensor | None:
 
 def image_facts(base: TrialConfig, baseline: bool) -> list[ImageFacts]:
     """Each image's observations exactly as the trials drew them (repeat r of image j:
-    seed + r + j * SEED_STRIDE, see study/engine/trial.py), and the baseline on the same ones."""
+    seed + r + j * SEED_STRIDE, see study/engine/pack.py), and the baseline on the same ones."""
     from study.engine.pack import SEED_STRIDE, unique_labels
 
     specs = img.expand_images(base.images)

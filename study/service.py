@@ -21,7 +21,7 @@ from typing import Any
 
 from study import export
 from study import studydir
-from study.config import DDPM_MODES, StudyConfig
+from study.config import StudyConfig, mode_uses
 from study.results import BestTrial, FitSummary
 from study.studydir import StudyRecord, StudyStage, read_study
 from study.engine.images import preflight
@@ -193,7 +193,7 @@ def _print_done(s: StudyConfig, best: BestTrial | None, summary: FitSummary,
         return
     cfg = best.config
     shown = ", ".join(f"{k} {_fmt(cfg[k])}" for k in searched if k in cfg
-                      and not (k == "timestep" and cfg["noise_mode"] not in DDPM_MODES))
+                      and mode_uses(k, cfg["noise_mode"]))
     print(f"best trial {best.trial_id}: {s.metric} = {best.value:.4f}  ({shown})")
     print(f"best configuration exported to {s.study_dir / 'best.json'}")
     print(f"replay it:       {command('train', '--config', str(s.study_dir / 'best.json'))}")

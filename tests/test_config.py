@@ -194,3 +194,10 @@ def test_study_record_round_trips_through_json_with_its_stages():
     assert back == rec2 and back.current == more and back.extensions[0].first_trial == 4
     with pytest.raises(ValueError, match="unknown study.json key"):
         StudyRecord.from_dict({**rec.to_dict(), "colour": "red"})
+
+
+def test_used_dict_holds_only_the_fields_the_mode_uses():
+    uniform, ddpm = TrialConfig(noise_mode="uniform"), TrialConfig(noise_mode="ddpm")
+    assert "timestep" not in uniform.used_dict() and "reg_noise_std" in uniform.used_dict()
+    assert "timestep" in ddpm.used_dict() and "reg_noise_std" not in ddpm.used_dict()
+    assert set(uniform.to_dict()) - set(uniform.used_dict()) == {"timestep"}

@@ -23,7 +23,8 @@ from models.step import StepOptions
 from noise.inputs import INPUT_MODES, make_input
 from noise.schedules import alphas_cumprod, make_betas
 from study.config import NOISE_MODES, TASKS, TrialConfig
-from study.engine.trial import Draw, Trial, run_trial
+from study.engine.pack import Draw
+from study.engine.trial import Trial, run_trial
 from trialutil import run_keeping_checkpoint
 
 QUALITY = ("loss", "psnr", "ssim", "psnr_ema", "ssim_ema", "psnr_best")

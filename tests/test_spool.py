@@ -10,7 +10,7 @@ import pytest
 
 from study.tracking.spool import Spool
 from study.tracking.records import TrialLogger, end_record, metrics_record, run_create_info, tags_record
-from study.tracking.store import Courier
+from study.tracking.courier import Courier
 from studyutil import MlflowServer, client, wait_until
 
 

@@ -202,7 +202,7 @@ def _best(view: StudyView) -> tuple[TrialView, float] | None:
 def _searched(view: StudyView, trial: TrialView) -> str:
     """The trial's values of the searched parameters (timestep only where the mode uses it)."""
     from study.tracking import store as tracking
-    from study.config import DDPM_MODES
+    from study.config import mode_uses
 
     try:
         keys = list(tracking.load_run_dict(view.tracking_uri, view.parent_run_id, "search_space.json"))
@@ -210,7 +210,7 @@ def _searched(view: StudyView, trial: TrialView) -> str:
         keys = ["noise_mode", "timestep", "lr"]
     mode = trial.params.get("noise_mode")
     return ", ".join(f"{k} {_short_number(trial.params[k])}" for k in keys if k in trial.params
-                     and not (k == "timestep" and mode not in DDPM_MODES))
+                     and mode_uses(k, mode))
 
 
 def _short_number(v: str) -> str:
