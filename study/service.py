@@ -1,14 +1,7 @@
-"""The study service: run, resume and export a study. Orchestrates study.cluster.tune (Ray) and
-study.tracking.store (MLflow) without importing either library itself.
+"""The study service: run, resume, extend and export a study. Orchestrates study/cluster/ (Ray)
+and study/tracking/ (MLflow) without importing either library itself.
 
-On disk, under ROOT (absolute):
-    ROOT/mlflow.db                 the MLflow store (unless --tracking-uri names a server)
-    ROOT/artifacts/NAME/           MLflow artifacts of study NAME (local store)
-    ROOT/NAME/study.json           the StudyConfig and the ids of its experiment and parent run
-    ROOT/NAME/ray/tune/            Ray Tune's results, checkpoints and searcher (Optuna) state
-    ROOT/NAME/trials.json          which trials started and which the driver saw end
-    ROOT/NAME/spool/               MLflow records waiting for the server (empty when delivered)
-    ROOT/NAME/best.json            the exported best configuration
+What a study keeps on disk is described in study/studydir.py, its one owner.
 """
 from __future__ import annotations
 
@@ -25,7 +18,6 @@ from study.config import StudyConfig, mode_uses
 from study.results import BestTrial, FitSummary
 from study.studydir import StudyRecord, StudyStage, read_study
 from study.engine.images import preflight
-from study.cluster.jobs import sigterm_as_sigint
 from study.paths import check_writable, command, resume_hint
 
 def _tracking():  # noqa: ANN202 - imported lazily: mlflow is slow to import
@@ -51,11 +43,11 @@ def preflight_study(s: StudyConfig) -> Any:
 
 def _context(s: StudyConfig, experiment_id: str, parent: str) -> Any:
     """Starts the study's MLflow relay (on this node) and returns what every trial needs."""
-    from study.cluster import tune as st
+    from study.cluster import relay as rl, tune as st
 
-    st.start_relay(s.name, s.spool_dir, s.resolved_tracking_uri)
+    rl.start_relay(s.name, s.spool_dir, s.resolved_tracking_uri)
     return st.StudyContext(study=s.name, base=s.trial.to_dict(), experiment_id=experiment_id,
-                           parent_run_id=parent, relay=st.relay_name(s.name), metric=s.metric,
+                           parent_run_id=parent, relay=rl.relay_name(s.name), metric=s.metric,
                            image_every=s.image_every, checkpoint_every=s.resolved_checkpoint_every,
                            threads=max(1, int(s.cpus_per_trial)))
 
@@ -86,11 +78,11 @@ def _tracker(s: StudyConfig) -> Any:
 
 
 def run(s: StudyConfig) -> int:
-    from study.cluster import tune as st
+    from study.cluster import runtime, tune as st
 
     space = preflight_study(s)
-    st.connect(s.address)
-    sigterm_as_sigint()  # after ray.init, whose own handler would end the driver at once
+    runtime.connect(s.address)
+    runtime.sigterm_as_sigint()  # after ray.init, whose own handler would end the driver at once
     try:
         gpus = st.gpus_per_trial(s)  # refuse an impossible request before writing anything
         check_storage(s, st.alive_nodes())
@@ -108,15 +100,15 @@ def run(s: StudyConfig) -> int:
 
 
 def resume(root: str, name: str, address: str = "") -> int:
-    from study.cluster import tune as st
+    from study.cluster import runtime, tune as st
 
     meta = read_study(root, name)
     s = meta.current
     if address:
         s = dataclasses.replace(s, address=address)
     _tracking().check_tracking_uri(s.resolved_tracking_uri)
-    st.connect(s.address)
-    sigterm_as_sigint()
+    runtime.connect(s.address)
+    runtime.sigterm_as_sigint()
     try:
         if not st.can_restore(s):
             raise ValueError(f"study {name!r} has no Ray state to resume at {st.experiment_path(s)}")
@@ -130,14 +122,14 @@ def resume(root: str, name: str, address: str = "") -> int:
 
 
 def _fit_and_finish(s: StudyConfig, tracker: Any, parent: str, tuner: Any, searched: list[str]) -> int:
-    from study.cluster import tune as st
+    from study.cluster import relay as rl, tune as st
     from study.tracking.records import LOST_TAG, end_record, tags_record
 
     summary = st.fit(tuner, s)
     # Interrupted trials: their runs are KILLED until `resume` continues them.
-    st.send(s.name, [end_record("KILLED", "the study was interrupted; resume continues it",
+    rl.send(s.name, [end_record("KILLED", "the study was interrupted; resume continues it",
                                 trial=t, if_open=True) for t in summary.unended])
-    st.send(s.name, [r for t in summary.lost for r in (
+    rl.send(s.name, [r for t in summary.lost for r in (
         tags_record({LOST_TAG: "true"}, trial=t),
         end_record("KILLED", "lost with the killed driver: it started after the study's last saved "
                    "state, and resume ran another trial in its place", trial=t, if_open=True))])
@@ -147,8 +139,8 @@ def _fit_and_finish(s: StudyConfig, tracker: Any, parent: str, tuner: Any, searc
     if best is not None:
         export.write(best, s.study_dir / "best.json")
     status = "FINISHED" if summary.complete else "KILLED"
-    relay = st.drain(s.name, _say)
-    st.send(s.name, tracker.finish_records(parent, status, best, summary.to_dict(),
+    relay = rl.drain(s.name, _say)
+    rl.send(s.name, tracker.finish_records(parent, status, best, summary.to_dict(),
                                            relay["dropped"] + relay["skipped"]))
     if not _delivered(s):
         return 130
@@ -169,10 +161,10 @@ def _say(line: str) -> None:
 def _delivered(s: StudyConfig) -> bool:
     """Wait until MLflow has every record (however long the server is away); Ctrl-C leaves
     the rest on disk for `resume` and says so."""
-    from study.cluster import tune as st
+    from study.cluster import relay as rl
 
     try:
-        st.drain(s.name, _say)
+        rl.drain(s.name, _say)
         return True
     except KeyboardInterrupt:
         print(f"\nstudy {s.name!r}: records not yet delivered to MLflow stay in {s.spool_dir}; "
@@ -224,7 +216,7 @@ def extend(root: str, name: str, n: int, address: str = "") -> int:
     """Add `n` trials to a study: the same MLflow experiment and parent run, the same Optuna
     study (its sampler conditioned on every earlier trial), trial numbers going on, best.json
     replaced when a new trial beats it. An interrupted study is resumed first."""
-    from study.cluster import tune as st
+    from study.cluster import runtime, tune as st
     from study.space import OPTUNA_DB, SearchSpace
 
     if n <= 0:
@@ -249,8 +241,8 @@ def extend(root: str, name: str, n: int, address: str = "") -> int:
                             seed=(base.seed + first) % 2**32, address=address or last.address)
     space = SearchSpace(meta.space, s.trial)
     _tracking().check_tracking_uri(s.resolved_tracking_uri)
-    st.connect(s.address)
-    sigterm_as_sigint()
+    runtime.connect(s.address)
+    runtime.sigterm_as_sigint()
     try:
         gpus = st.gpus_per_trial(s)
         check_storage(s, st.alive_nodes())

@@ -16,17 +16,16 @@ Ctrl-C (`sigterm_as_sigint`), and `submit` sets a wait long enough for that clea
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shlex
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from study.cluster.runtime import PROJECT_ROOT, RUNTIME_EXCLUDES
+
 STUDY_KEY, ROOT_KEY, URI_KEY, COMMAND_KEY = "dip.study", "dip.root", "dip.tracking_uri", "dip.command"
 STOP_WAIT_KEY = "dip.stop_wait"
 # Seconds between the stop signal and SIGKILL: Tune stops its trials and saves its state,
@@ -34,33 +33,6 @@ STOP_WAIT_KEY = "dip.stop_wait"
 # a slow store). Ray's default, 3 s, would SIGKILL in the middle of that.
 STOP_WAIT_S = 120
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-def sigterm_as_sigint() -> None:
-    """Make SIGTERM stop the study as Ctrl-C does: call whatever handles SIGINT at that
-    moment (Tune's graceful stop during `fit`, KeyboardInterrupt before it). Called, not
-    re-raised as SIGINT: a Ray job's driver has SIGINT blocked. Install it after
-    `ray.init`, which sets its own SIGTERM handler (it logs and ends the process)."""
-    def on_sigterm(signum: int, frame: Any) -> None:
-        handler = signal.getsignal(signal.SIGINT)
-        if callable(handler):
-            handler(signal.SIGINT, frame)
-        elif handler == signal.SIG_DFL:
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-
-def job_working_dir() -> str | None:
-    """The working_dir of the Ray job this process is the driver of, if any (the job server
-    passes the job's config in this variable); a driver must not set its own then."""
-    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if not raw:
-        return None
-    try:
-        return (json.loads(raw).get("runtime_env") or {}).get("working_dir")
-    except (ValueError, AttributeError):
-        return None
 
 
 @dataclass(frozen=True)
@@ -156,8 +128,6 @@ class Cluster:
     def submit(self, study: str, command: str, argv: list[str], python: str, root: str,
                tracking_uri: str, stop_wait: int = STOP_WAIT_S) -> str:
         """Start `python run_study.py ARGV` as a job with this project as its working_dir."""
-        from study.cluster.tune import RUNTIME_EXCLUDES
-
         job_id = f"dip-{study}-{time.strftime('%Y%m%d-%H%M%S')}"
         env = {"RAY_JOB_STOP_WAIT_TIME_S": str(stop_wait), "PYTHONUNBUFFERED": "1"}
         return self._call(

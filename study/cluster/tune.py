@@ -1,6 +1,6 @@
-"""Everything Ray: the cluster connection, the trainable, the Tuner with OptunaSearch and an
-early-stopping scheduler, retries of trials whose node died, the relay that carries MLflow
-writes through server outages, and the callback that ends each trial's MLflow run."""
+"""The trainable, the Tuner with OptunaSearch and an early-stopping scheduler, retries of
+trials whose node died, and the callback that ends each trial's MLflow run. The cluster
+connection is runtime.py's, the relay that carries MLflow writes relay.py's."""
 from __future__ import annotations
 
 import importlib
@@ -8,9 +8,7 @@ import json
 import logging
 import math
 import os
-import socket
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -18,8 +16,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import ray
 import torch
 from ray import tune
-from ray.exceptions import RayActorError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
@@ -27,7 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 from study.engine import images as img
 from study.config import StudyConfig, TrialConfig, trial_run_name
 from study.results import FitSummary
-from study.cluster.jobs import job_working_dir
+from study.cluster.relay import RelaySender, send
 from study.paths import write_json
 from study.tracking.records import TrialLogger, end_record, run_create_info, tags_record
 from study.engine.trial import Trial, run_trial
@@ -35,49 +31,8 @@ from study.engine.trial import Trial, run_trial
 if TYPE_CHECKING:
     from study.space import SearchSpace
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CKPT_FILE = "trial.pt"
 ERROR_KEY = "dip_error"  # in a trial's last result: why it failed (it is not retried)
-# Shipped to every worker as the job's working_dir (so a real cluster runs this code).
-RUNTIME_EXCLUDES = ["studies", "runs", "bench/results", "**/__pycache__",
-                    ".pytest_cache", ".whl", "*.db"]
-
-
-def _check_address(address: str) -> None:
-    if address in ("", "auto") or address.startswith("ray://"):
-        return
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"Ray address {address!r} is not HOST:PORT, 'auto' or ray://HOST:PORT")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as e:
-        raise ValueError(f"cannot reach the Ray cluster at {address!r}: {e.strerror or e}") from None
-
-
-def connect(address: str) -> None:
-    """Join the cluster at `address`, or start a local Ray ('' : this machine only)."""
-    _check_address(address)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network from here
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # Tune warns at every forced state snapshot (num_to_keep with frequent checkpoints of
-    # small trials); the snapshots are wanted: they keep a killed driver's state recent.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    runtime_env: dict[str, Any] | None = {"working_dir": str(PROJECT_ROOT), "excludes": RUNTIME_EXCLUDES}
-    # The test side's fault hook (see `_test_hook`) reaches trials on every node, not only
-    # on nodes started from the driver's environment. Unset in use.
-    hooks = {k: v for k, v in os.environ.items() if k.startswith(("DIP_TEST_", "DIP_FAULT_"))}
-    if hooks:
-        runtime_env["env_vars"] = hooks
-    if job_working_dir():  # a Ray job's driver: the job ships the code; Ray refuses a second working_dir
-        runtime_env = None
-    try:
-        ray.init(address=address or None, runtime_env=runtime_env, include_dashboard=False,
-                 logging_level="WARNING", ignore_reinit_error=True)
-    except ConnectionError as e:
-        raise ValueError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
-
-
 # Default GPU share of a trial on a GPU cluster: two trials per GPU, so one trial's
 # host-side work (evaluation, SSIM, images, checkpoints) overlaps the other's packed steps.
 # Not more: issue 7 measured 4 processes on one H200 at 512 px slower in sum (55 it/s)
@@ -113,102 +68,6 @@ class StudyContext:
     image_every: int
     checkpoint_every: int        # reports between checkpoints (resolved, >= 1)
     threads: int
-
-
-# --- MLflow delivery: one relay per study, on the driver's node ---
-
-@ray.remote(num_cpus=0, max_restarts=-1)
-class Relay:
-    """Owns the study's spool (on the driver's disk) and its Courier thread. Trials and the
-    driver hand it batches of records; a batch is on disk when `put` returns, and is
-    delivered to MLflow whenever the server is there. Restarted by Ray if it dies; the
-    spool it leaves is delivered by the next one (or by `resume`)."""
-
-    def __init__(self, folder: str, tracking_uri: str, max_bytes: int):
-        from study.tracking.spool import Spool
-        from study.tracking.store import Courier
-
-        self.courier = Courier(Spool(folder, max_bytes), tracking_uri).start()
-
-    def put(self, records: list[dict[str, Any]]) -> None:
-        self.courier.put(records)
-
-    def status(self) -> dict[str, Any]:
-        return self.courier.status()
-
-
-def relay_name(study: str) -> str:
-    return f"dip-relay-{study}"
-
-
-_RELAYS: dict[str, Any] = {}  # the driver holds its relay's handle: Ray ends an actor without one
-
-
-def start_relay(study: str, folder: Path, tracking_uri: str) -> None:
-    """The study's relay, pinned to this (the driver's) node: its spool is a local folder."""
-    here = ray.get_runtime_context().get_node_id()
-    max_bytes = int(float(os.environ.get("DIP_SPOOL_MAX_MB", "512")) * 2**20)
-    _RELAYS[study] = Relay.options(
-        name=relay_name(study), get_if_exists=True,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
-    ).remote(str(folder), tracking_uri, max_bytes)
-
-
-class RelaySender:
-    """Hands batches to the relay without waiting on MLflow. `settle` waits (briefly: the
-    relay only writes to disk) for the relay to confirm, and returns what it has not: that
-    goes into the next checkpoint, so a lost node loses nothing a checkpoint covers."""
-
-    def __init__(self, name: str):
-        self.relay = ray.get_actor(name)
-        self.inflight: list[tuple[Any, list[dict[str, Any]]]] = []
-
-    def __call__(self, records: list[dict[str, Any]]) -> None:
-        self.inflight.append((self.relay.put.remote(records), records))
-
-    def settle(self, timeout: float = 10.0) -> list[dict[str, Any]]:
-        if self.inflight:
-            ready, _ = ray.wait([r for r, _ in self.inflight], num_returns=len(self.inflight),
-                                timeout=timeout)
-            done = set(ready)
-            left = []
-            for ref, records in self.inflight:
-                if ref not in done:
-                    left.append((ref, records))
-                    continue
-                try:
-                    ray.get(ref)
-                except RayActorError:  # the relay restarted: hand the batch over again
-                    left.append((self.relay.put.remote(records), records))
-            self.inflight = left
-        return [r for _, records in self.inflight for r in records]
-
-    def wait_all(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.settle(max(0.0, deadline - time.monotonic())) and time.monotonic() < deadline:
-            pass
-
-
-def drain(study: str, say: Callable[[str], None], poll: float = 2.0) -> dict[str, Any]:
-    """Wait until the relay has delivered everything (the server may be away for long);
-    returns the relay's status. KeyboardInterrupt leaves the rest in the spool."""
-    relay = _RELAYS.get(study) or ray.get_actor(relay_name(study))
-    said = False
-    while True:
-        st = ray.get(relay.status.remote())
-        if st["pending_batches"] == 0:
-            return st
-        if not said and st["down_since"] is not None:
-            say(f"waiting for the MLflow server to take {st['pending_batches']} batches of records "
-                f"(Ctrl-C leaves them in {st['folder']} for `resume`)")
-            said = True
-        time.sleep(poll)
-
-
-def send(study: str, records: list[dict[str, Any]]) -> None:
-    """Driver side: hand records to the relay and wait until they are on disk."""
-    if records:
-        ray.get((_RELAYS.get(study) or ray.get_actor(relay_name(study))).put.remote(records))
 
 
 # --- the trainable ---
@@ -276,7 +135,7 @@ def dip_trainable(config: dict[str, Any], ctx: StudyContext) -> None:
     # runs table and chart legends read without opening runs; Tune's name goes in a tag.
     name = trial_run_name(cfg, list(config))
     log = TrialLogger(sender, run_create_info(ctx.experiment_id, ctx.parent_run_id, ctx.study,
-                                              tctx.get_trial_id(), name, cfg.to_dict()))
+                                              tctx.get_trial_id(), name, cfg.used_dict()))
     log.set_tags({"dip.trial_name": tctx.get_trial_name()})
     last: dict[str, float] = {}
     try:

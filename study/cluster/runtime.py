@@ -1,0 +1,79 @@
+"""Ray's runtime environment: the project folder every node runs (working_dir and its
+excludes), joining or starting a cluster, and SIGTERM handled as Ctrl-C."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# Shipped to every worker as the job's working_dir (so a real cluster runs this code).
+RUNTIME_EXCLUDES = ["studies", "runs", "bench/results", "**/__pycache__",
+                    ".pytest_cache", ".whl", "*.db"]
+
+
+def sigterm_as_sigint() -> None:
+    """Make SIGTERM stop the study as Ctrl-C does: call whatever handles SIGINT at that
+    moment (Tune's graceful stop during `fit`, KeyboardInterrupt before it). Called, not
+    re-raised as SIGINT: a Ray job's driver has SIGINT blocked. Install it after
+    `ray.init`, which sets its own SIGTERM handler (it logs and ends the process)."""
+    def on_sigterm(signum: int, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        elif handler == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def job_working_dir() -> str | None:
+    """The working_dir of the Ray job this process is the driver of, if any (the job server
+    passes the job's config in this variable); a driver must not set its own then."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return (json.loads(raw).get("runtime_env") or {}).get("working_dir")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _check_address(address: str) -> None:
+    if address in ("", "auto") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"Ray address {address!r} is not HOST:PORT, 'auto' or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ValueError(f"cannot reach the Ray cluster at {address!r}: {e.strerror or e}") from None
+
+
+def connect(address: str) -> None:
+    """Join the cluster at `address`, or start a local Ray ('' : this machine only)."""
+    _check_address(address)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network from here
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Tune warns at every forced state snapshot (num_to_keep with frequent checkpoints of
+    # small trials); the snapshots are wanted: they keep a killed driver's state recent.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    runtime_env: dict[str, Any] | None = {"working_dir": str(PROJECT_ROOT), "excludes": RUNTIME_EXCLUDES}
+    # The test side's fault hook (see `_test_hook`) reaches trials on every node, not only
+    # on nodes started from the driver's environment. Unset in use.
+    hooks = {k: v for k, v in os.environ.items() if k.startswith(("DIP_TEST_", "DIP_FAULT_"))}
+    if hooks:
+        runtime_env["env_vars"] = hooks
+    if job_working_dir():  # a Ray job's driver: the job ships the code; Ray refuses a second working_dir
+        runtime_env = None
+    import ray  # here, not at the top: the job commands use this module without starting Ray
+
+    try:
+        ray.init(address=address or None, runtime_env=runtime_env, include_dashboard=False,
+                 logging_level="WARNING", ignore_reinit_error=True)
+    except ConnectionError as e:
+        raise ValueError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
