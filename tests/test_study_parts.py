@@ -17,7 +17,7 @@ from study.tracking.store import StudyView, TrialView
 
 
 def study(**kw) -> StudyConfig:
-    return StudyConfig(trial=TrialConfig(iterations=80, report_every=10), root="/tmp/parts", **kw)
+    return StudyConfig(trial=TrialConfig(iterations=80, report_every=10), name="parts", root="/tmp/parts", **kw)
 
 
 @pytest.mark.parametrize("name, kind", [("fifo", FIFOScheduler), ("median", MedianStoppingRule),
