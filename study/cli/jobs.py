@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Callable
 
 from study.cli import common
 from study.cli.common import build_study, check_added, user_error
-from study.cluster.jobs import PROJECT_ROOT, STOP_WAIT_S, Cluster, Job
+from study.cluster.jobs import STOP_WAIT_S, Cluster, Job
+from study.cluster.runtime import PROJECT_ROOT
 from study.paths import command as command_line
 
 if TYPE_CHECKING:  # mlflow is slow to import: the views' module only for the type checker

@@ -1,6 +1,6 @@
 """Records: every MLflow write made after a study started, as plain data (no mlflow import,
 so a trial's worker never loads it). Trials and the driver hand batches of records to the
-study's relay (study/cluster/tune.py), which spools them and has study/tracking/store.py's Courier deliver
+study's relay (study/cluster/relay.py), which spools them and has study/tracking/courier.py's Courier deliver
 them. Every trial record is keyed by the trial id; the courier finds or creates its run.
 """
 from __future__ import annotations
