@@ -23,14 +23,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
 from study.config import NOISE_MODES, TrialConfig  # noqa: E402
-from study.engine.trial import TrialDiverged, resolve_device, run_trial  # noqa: E402
+from study.engine.trial import Trial, TrialDiverged, resolve_device, run_trial  # noqa: E402
+from study.paths import JsonObject  # noqa: E402
 
 DEFAULT_MODES = ("uniform", "ddpm", "ddpm_resample", "ddpm_random_t")
 
@@ -70,11 +70,11 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run_one(cfg: TrialConfig) -> dict[str, Any]:
+def run_one(cfg: TrialConfig) -> JsonObject:
     """One run: the final metrics, plus the curve of every report."""
     curve: list[dict[str, float]] = []
 
-    def report(m: dict[str, float], _trial: Any) -> None:
+    def report(m: dict[str, float], _trial: Trial) -> None:
         curve.append({k: m[k] for k in ("iteration", "loss", "psnr", "psnr_ema", "ssim_ema")})
         print(f"  it {int(m['iteration']):>5}  psnr {m['psnr']:6.2f}  ema {m['psnr_ema']:6.2f}  "
               f"best {m['psnr_best']:6.2f}@{int(m['best_iteration'])}  "
@@ -91,7 +91,7 @@ def run_one(cfg: TrialConfig) -> dict[str, Any]:
             "wall_seconds": time.perf_counter() - t0, "curve": curve}
 
 
-def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def markdown(meta: JsonObject, rows: list[JsonObject]) -> str:
     lines = [
         f"# DIP reference denoising benchmark ({meta['date']})", "",
         f"Command: `{meta['command']}`", "",
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             "size": size, "iterations": ns.iterations, "timestep": ns.timestep,
             "modes": ns.modes, "seeds": ns.seeds}
     print(f"{meta['command']}\n{meta['device']}, camera {size}px, {ns.iterations} its", flush=True)
-    rows: list[dict[str, Any]] = []
+    rows: list[JsonObject] = []
     for mode in ns.modes:
         for seed in ns.seeds:
             cfg = reference_config(ns, size, mode, seed)

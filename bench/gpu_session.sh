@@ -2,7 +2,8 @@
 # One prepared GPU session for issue 7 (at most 8.5 minutes on one H100/H200): throughput of the
 # notebook loop and the packed project loop at 256 and 512 px (every step variant, K = 1..16),
 # a psnr_ema trajectory check of the fastest variant against fp32 eager, and a short study
-# with fractional GPUs. Each stage has its own time limit, and everything is written as it
+# run as `train` with repeats over every input mode (the GPU image has no Ray, Optuna or
+# MLflow). Each stage has its own time limit, and everything is written as it
 # goes to bench/results/gpu_session_<device>_<stamp>/ (and copied to $OUT when set, as the
 # device runner returns $OUT), with the command and the device at the top of each file.
 #
@@ -38,9 +39,15 @@ nvidia-smi > "$RES/nvidia-smi.txt" 2>&1
 stage tests 60 "$PY" -m pytest tests/test_packed.py tests/test_trial.py -q -x
 stage throughput_256 180 "$PY" bench/throughput.py --device cuda --size 256 --net reference --steps 30 --check-iterations 600
 stage throughput_512 150 "$PY" bench/throughput.py --device cuda --size 512 --net reference --steps 20 --ks 1 2 4 8 16
-# A short study: 8 trials of 300 iterations at 256 px, 2 repeats each, 2 trials per GPU.
-stage study 120 "$PY" run_study.py run --name gpu-short --root "$PWD/$RES/studies" --num-samples 8 \
-  --gpus-per-trial 0.5 --cpus-per-trial 2 --size 256 --iterations 300 --report-every 50 --repeats 2 \
-  --scheduler fifo --noise-mode ddpm_resample
-rm -rf "$RES/studies/gpu-short/ray"  # checkpoints: not results
+# The study stage without Ray, Optuna or MLflow (the GPU image has none of them): `train` runs
+# with repeats over the configurations a short study would try, every input mode at 256 px,
+# 300 iterations, 2 repeats (seeds) each, the honest final, autostop and oracle numbers.
+for mode in uniform gaussian gaussian_resample ddpm ddpm_resample ddpm_random_t; do
+  stage "train_$mode" 60 "$PY" run_study.py train --noise-mode "$mode" --timestep 100 --size 256 \
+    --iterations 300 --report-every 50 --repeats 2 --window 50 --patience 100 --quiet \
+    --out "$RES/train_$mode"
+  "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], *(f'{k} {r[k]:.2f}' for k in ('psnr_ema','psnr_autostop','psnr_best','seconds_per_iteration')))" \
+    "$RES/train_$mode/result.json" "$mode" >> "$RES/train_summary.txt" 2>&1
+done
+[ -n "${OUT:-}" ] && cp "$RES/train_summary.txt" "$OUT/$RES/" 2>/dev/null
 echo "results in $RES"

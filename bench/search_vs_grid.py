@@ -70,9 +70,8 @@ def run_search(args: argparse.Namespace, root: Path) -> list[dict]:
     if p.returncode != 0:
         raise SystemExit(f"the search study failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     runs = tracking.study_runs(f"sqlite:///{root}/mlflow.db", "svg")
-    return [{"params": r["params"], "iterations": int(r["metrics"].get("iteration", 0)),
-             "psnr_ema": r["metrics"].get("psnr_ema"), "completed": r["tags"].get("dip.completed") == "true"}
-            for r in runs if r["role"] == "trial"]
+    return [{"params": t.params, "iterations": int(t.metrics.get("iteration", 0)),
+             "psnr_ema": t.metrics.get("psnr_ema"), "completed": t.completed} for t in runs]
 
 
 def base_flags(args: argparse.Namespace) -> list[str]:

@@ -15,6 +15,7 @@ times and Tune's result files and prints:
 
     python bench/study_overhead.py                 # 60 trials, 2 at a time: ~4 min here
     python bench/study_overhead.py --trials 10     # a quick look
+    python bench/study_overhead.py --trials 10 --sysmetrics 0   # system metrics off
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrent", type=int, default=2, help="trials at once [2]")
     p.add_argument("--keep", action="store_true", help="keep the study folder (printed)")
     p.add_argument("--no-probes", action="store_true", help="skip the in-process probes")
+    p.add_argument("--sysmetrics", type=float, default=5.0,
+                   help="seconds between a trial's system-metrics samples, 0 for none [5]")
     return p.parse_args(argv)
 
 
@@ -50,7 +53,8 @@ def run_study(ns: argparse.Namespace, root: Path) -> tuple[float, float, subproc
            "--num-samples", str(ns.trials), "--max-concurrent", str(ns.concurrent),
            "--cpus-per-trial", "1", "--scheduler", "fifo", *TINY]
     env = {**os.environ, "RAY_TMPDIR": str(root / "rt"), "RAY_USAGE_STATS_ENABLED": "0",
-           "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+           "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+           "DIP_SYSMETRICS_EVERY": str(ns.sysmetrics)}
     (root / "rt").mkdir()
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
@@ -62,9 +66,8 @@ def mlflow_runs(root: Path) -> list[dict[str, float]]:
     from study.tracking.store import StudyTracker
 
     tracker = StudyTracker(f"sqlite:///{root / 'mlflow.db'}", "ovh")
-    return [{"start": r.info.start_time / 1000, "end": (r.info.end_time or 0) / 1000,
-             "train": r.data.metrics.get("seconds", 0.0), "status": r.info.status}
-            for r in tracker.child_runs()]
+    return [{"start": t.start, "end": t.end, "train": t.metrics.get("seconds", 0.0), "status": t.status}
+            for t in tracker.trial_summaries()]
 
 
 def tune_results(root: Path) -> list[list[dict]]:
@@ -107,6 +110,7 @@ def probes() -> dict[str, float]:
         trial.evaluate()
         evals += time.perf_counter() - t0
     t["steps_40_s"], t["evaluations_4_s"] = steps, evals
+    t.update(sampled_steps(trial))
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         for i, (_, image, _) in enumerate(trial.report_images(setup=True, final=True)):
@@ -116,6 +120,27 @@ def probes() -> dict[str, float]:
         torch.save(trial.state_dict(), Path(d) / "trial.pt")
         t["checkpoint_save_s"] = time.perf_counter() - t0
     return t
+
+
+def sampled_steps(trial, n: int = 200) -> dict[str, float]:
+    """Seconds per step without and with a system-metrics sampler in the process, sampling
+    every 10 ms (500 times its default pace), interleaved so the load moves both alike."""
+    from study.engine.sysmetrics import SystemSampler
+
+    def per_step() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n // 4):
+            trial.step()
+        return (time.perf_counter() - t0) / (n // 4)
+
+    off, on, samples = [], [], 0
+    for _ in range(2):
+        off.append(per_step())
+        sampler = SystemSampler(trial.device, every=0.01).start()
+        on.append(per_step())
+        samples += len(sampler.stop())
+    return {"step_ms_sampler_off": 1e3 * median(off), "step_ms_sampler_on_10ms": 1e3 * median(on),
+            "sampler_samples_taken": float(samples)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trials: {n} ({sum(r['status'] == 'FINISHED' for r in runs)} finished)")
     print(f"wall_s: {wall:.1f}")
     print(f"training_s_per_trial: {train / n:.3f}")
+    print(f"training_ms_per_iteration: {1e3 * train / n / int(TINY[TINY.index('--iterations') + 1]):.2f} "
+          f"(system metrics every {ns.sysmetrics:g} s; 0: off)")
     print(f"in_run_overhead_s_per_trial: {mean(in_run):.2f} (median {median(in_run):.2f}): "
           "MLflow run start to end, minus training")
     busy = (last - first) * c - sum(r["end"] - r["start"] for r in runs)

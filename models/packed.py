@@ -65,21 +65,35 @@ def reflect_pad(x: torch.Tensor, p: int) -> torch.Tensor:
     return torch.cat([left, x, right], dim=-1)
 
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d whose reflection padding can be computed by `reflect_pad` (reflect="cat").
+def _twin(t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+    """t beside a detached copy of itself on `dim`: the phantom second network."""
+    return None if t is None else torch.cat([t, t.detach()], dim)
 
-    Same parameters and state dict as nn.Conv2d; only how the border is built differs."""
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d whose reflection padding can be computed by `reflect_pad` (reflect="cat"),
+    and which can run as one network of a grouped pair (phantom=True, see `set_phantom`).
+
+    Same parameters and state dict as nn.Conv2d; only how the result is computed differs."""
 
     reflect: ReflectImpl = "native"
+    phantom: bool = False
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
-        if self.padding_mode == "reflect" and self.reflect == "cat":
+        padding = self.padding
+        if self.padding_mode != "zeros":
             ph, pw = self.padding  # type: ignore[misc]
-            if ph == pw:
-                return F.conv2d(reflect_pad(x, ph), weight, bias, self.stride, 0,
-                                self.dilation, self.groups)
-        return super()._conv_forward(x, weight, bias)
+            if self.padding_mode == "reflect" and self.reflect == "cat" and ph == pw:
+                x = reflect_pad(x, ph)
+            else:
+                x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        if not self.phantom:
+            return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+        y = F.conv2d(_twin(x, 1), _twin(weight, 0), _twin(bias, 0), self.stride, padding,
+                     self.dilation, 2 * self.groups)
+        return y[:, : self.out_channels]
 
 
 def set_reflect(module: nn.Module, impl: ReflectImpl) -> None:
@@ -89,6 +103,25 @@ def set_reflect(module: nn.Module, impl: ReflectImpl) -> None:
     for m in module.modules():
         if isinstance(m, Conv2d):
             m.reflect = impl
+
+
+def set_phantom(module: nn.Module, on: bool) -> None:
+    """Compute every conv of `module` as network 0 of a pack of two whose network 1 is a
+    detached copy (its output is dropped, so it is never read and never trained).
+
+    Why: a pack of one (groups=1) gets other conv kernels than a pack of K >= 2 (grouped),
+    so its numbers differ by rounding, which training amplifies (0.67 dB at iteration 60,
+    64 px). On the CPU, PyTorch sends a groups=1 conv of batch 1 under 20480 input values to
+    its im2col kernel (Slow2d) and every grouped conv to oneDNN; and oneDNN itself rounds
+    a groups=1 conv of 36 input channels other than each group of a grouped one. With this
+    a pack of one gets, bit for bit, what network 0 of a pack of two computes (measured
+    with one and two threads); whether other pack sizes agree is oneDNN's choice (issue 13:
+    with one thread, gray inputs, packs of 2 to 7 agree at the default network).
+    The cost is a second network: a pack of one now steps as slowly as a pack of two
+    (default network, 64 px, one thread, CPU time: 56 -> 107 ms per iteration; K=2: 112)."""
+    for m in module.modules():
+        if isinstance(m, Conv2d):
+            m.phantom = on
 
 
 def pack_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -12,25 +12,25 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
+
+from study.modes import DDPM_MODES, NOISE_MODES, NoiseMode, mode_uses
+from study.paths import JsonObject
 
 Task = Literal["denoise", "inpaint", "sr", "reconstruct"]
-NoiseMode = Literal[
-    "uniform", "gaussian", "gaussian_resample", "ddpm", "ddpm_resample", "ddpm_random_t"
-]
 Schedule = Literal["linear", "cosine"]
 Network = Literal["skip", "unet"]
 Upsample = Literal["bilinear", "nearest"]
-Loss = Literal["mse", "l1"]
+Loss = Literal["mse", "l1", "sure"]
+Stop = Literal["budget", "auto"]
 Color = Literal["auto", "gray", "rgb"]
 
 TASKS: tuple[str, ...] = get_args(Task)
-NOISE_MODES: tuple[str, ...] = get_args(NoiseMode)
-DDPM_MODES: tuple[str, ...] = ("ddpm", "ddpm_resample", "ddpm_random_t")
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 NETWORKS: tuple[str, ...] = get_args(Network)
 UPSAMPLES: tuple[str, ...] = get_args(Upsample)
 LOSSES: tuple[str, ...] = get_args(Loss)
+STOPS: tuple[str, ...] = get_args(Stop)
 COLORS: tuple[str, ...] = get_args(Color)
 
 # Images scikit-image 0.26 bundles (they load with no network). Others in skimage.data
@@ -69,8 +69,12 @@ class TrialConfig:
     upsample: Upsample = "bilinear"  # upsampling on the decoder path
     # --- optimisation ---
     lr: float = 0.01              # Adam learning rate (reference: 0.01)
-    loss: Loss = "mse"            # mse as the reference; l1 as the original experiment
-    iterations: int = 300         # optimisation steps
+    loss: Loss = "mse"            # mse as the reference; l1 as the original experiment; sure: Stein's
+                                  # unbiased risk estimate (denoise, DDPM inputs; see study/engine/sure.py)
+    iterations: int = 300         # optimisation steps (with stop = auto: at most this many)
+    stop: Stop = "budget"         # budget: run every iteration; auto: end once ES-WMV fired on every network
+    window: int = 100             # ES-WMV: outputs in the moving variance (Wang et al. 2023: 100)
+    patience: int = 1000          # ES-WMV: iterations without a lower variance before it fires (paper: 1000)
     ema_weight: float = 0.99      # weight of the running average of outputs (reference: 0.99)
     eval_draws: int = 4           # stochastic inputs: outputs averaged over this many draws
     report_every: int = 25        # iterations between reports
@@ -98,36 +102,36 @@ class TrialConfig:
         return 2 ** self.scales
 
     # --- round trip ---
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         d = dataclasses.asdict(self)
         d["images"] = list(self.images)
         return d
 
-    def used_dict(self) -> dict[str, Any]:
+    def used_dict(self) -> JsonObject:
         """The fields this trial's input mode uses (what MLflow shows as its params: a
         uniform trial has no timestep); `to_dict` stays the complete record."""
         return {k: v for k, v in self.to_dict().items() if mode_uses(k, self.noise_mode)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrialConfig":
+    def from_dict(cls, d: JsonObject) -> "TrialConfig":
         check_keys(cls, d, "config key")
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "TrialConfig":
+    def replace(self, **changes: object) -> "TrialConfig":
         return dataclasses.replace(self, **changes)
 
     def to_json(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def check_keys(cls: type, d: dict[str, Any], what: str) -> None:
+def check_keys(cls: type, d: JsonObject, what: str) -> None:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"unknown {what}(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
 
 
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+def load_config_file(path: str | os.PathLike) -> JsonObject:
     """The config part of a JSON file: a bare config, or an export with a `config` key."""
     p = Path(path)
     try:
@@ -143,12 +147,12 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
 
 
-def _number(name: str, value: Any, kind: type, lo: float | None = None,
+def _number(name: str, value: object, kind: type, lo: float | None = None,
             hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> None:
     ok_type = isinstance(value, kind) and not isinstance(value, bool)
     if kind is float:
@@ -164,7 +168,7 @@ def _number(name: str, value: Any, kind: type, lo: float | None = None,
         raise ValueError(f"{name} = {value!r} is out of range; allowed: {rng}")
 
 
-def check_image_spec(spec: Any) -> None:
+def check_image_spec(spec: object) -> None:
     """A bundled name, or an existing PNG/JPEG file or folder; the pixels are read later."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"image must be a name or a path, got {spec!r}")
@@ -201,6 +205,7 @@ def validate(c: TrialConfig) -> None:
     _choice("net", c.net, NETWORKS)
     _choice("upsample", c.upsample, UPSAMPLES)
     _choice("loss", c.loss, LOSSES)
+    _choice("stop", c.stop, STOPS)
     _choice("color", c.color, COLORS)
     _number("num_timesteps", c.num_timesteps, int, 2, 100_000)
     _number("timestep", c.timestep, int, 0, c.num_timesteps - 1)
@@ -230,6 +235,10 @@ def validate(c: TrialConfig) -> None:
     _number("ema_weight", c.ema_weight, float, 0, 1, hi_open=True)
     _number("eval_draws", c.eval_draws, int, 1, 1000)
     _number("report_every", c.report_every, int, 1, 10_000_000)
+    _number("window", c.window, int, 1, 100_000)
+    _number("patience", c.patience, int, 1, 10_000_000)
+    if c.loss == "sure":
+        check_sure(c.task, c.noise_mode)
     _number("seed", c.seed, int, 0, 2**63 - 1)
     # Every network of a trial is trained at once, so this bounds the memory a trial takes.
     _number("repeats", c.repeats, int, 1, 256)
@@ -237,9 +246,22 @@ def validate(c: TrialConfig) -> None:
         raise ValueError(f"unknown device {c.device!r}; allowed: auto, cpu, cuda, cuda:N")
 
 
+def check_sure(task: str, mode: str) -> None:
+    """SURE needs the noise's sigma (denoise) and an input built from the observation:
+    for the other inputs its divergence term is zero and it is MSE less a constant."""
+    if task != "denoise":
+        raise ValueError(f"loss 'sure' needs a known noise sigma, so task {task!r} cannot use it; "
+                         "allowed: task denoise (or loss mse / l1)")
+    if mode not in DDPM_MODES:
+        raise ValueError(f"loss 'sure' with noise_mode {mode!r} is MSE (that input does not depend on "
+                         f"the observation); allowed: noise_mode {', '.join(DDPM_MODES)} (or loss mse / l1)")
+
+
 METRICS: dict[str, str] = {  # study objective -> Tune mode
     "psnr_ema": "max", "psnr": "max", "ssim_ema": "max", "ssim": "max",
     "psnr_best": "max", "loss": "min",
+    # no-reference: the output ES-WMV picks (study/engine/autostop.py)
+    "psnr_autostop": "max", "ssim_autostop": "max",
 }
 SCHEDULERS: tuple[str, ...] = ("asha", "median", "fifo")
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -267,10 +289,13 @@ class StudyConfig:
     max_failures: int = 3              # retries of a trial whose node or worker died (from its checkpoint)
     checkpoint_every: int = 0          # reports between checkpoints (0: about 10 per trial)
     shared_storage: bool = False       # storage is a path every node mounts (NFS), not this node's disk
+    warm_start: tuple[str, ...] = ()   # earlier studies under root whose finished trials the sampler starts from
 
     def __post_init__(self) -> None:
         if isinstance(self.trial, dict):
             object.__setattr__(self, "trial", TrialConfig.from_dict(self.trial))
+        if isinstance(self.warm_start, list):  # from JSON or a repeated flag
+            object.__setattr__(self, "warm_start", tuple(self.warm_start))
         validate_study(self)
 
     @property
@@ -311,13 +336,13 @@ class StudyConfig:
     def resolved_grace_period(self) -> int:
         return self.grace_period or max(self.trial.report_every, self.trial.iterations // 4)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         d = dataclasses.asdict(self)
         d["trial"] = self.trial.to_dict()
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StudyConfig":
+    def from_dict(cls, d: JsonObject) -> "StudyConfig":
         check_keys(cls, d, "study setting")
         return cls(**d)
 
@@ -346,24 +371,22 @@ def validate_study(s: StudyConfig) -> None:
     _number("checkpoint_every", s.checkpoint_every, int, 0, 10_000_000)
     if not isinstance(s.shared_storage, bool):
         raise ValueError(f"shared_storage must be true or false, got {s.shared_storage!r}")
+    if not isinstance(s.warm_start, tuple):
+        raise ValueError(f"warm_start must be a list of study names, got {s.warm_start!r}")
+    for other in s.warm_start:
+        if not isinstance(other, str) or not other or set(other) - NAME_CHARS or other == s.name:
+            raise ValueError(f"warm_start {other!r} is not the name of another study")
+    if len(set(s.warm_start)) < len(s.warm_start):
+        raise ValueError(f"warm_start names a study twice: {', '.join(s.warm_start)}")
     if s.storage and "://" not in s.storage and not os.path.isabs(s.storage):
         raise ValueError(f"storage {s.storage!r} must be an absolute path or a URI such as s3://bucket/path")
 
 
 # Short labels of searched fields in run names; the others show as `field=value`.
 RUN_NAME_LABELS = {"timestep": "t", "reg_noise_std": "reg"}
-# Fields that only matter for some input modes: the search space suggests them, run names
-# and the report show them, only for those modes.
-MODE_ONLY = {"timestep": DDPM_MODES, "reg_noise_std": ("uniform",)}
 
 
-def mode_uses(name: str, mode: str) -> bool:
-    """Whether field `name` matters for input mode `mode` (True unless it is mode-only and
-    `mode` is not among its modes)."""
-    return mode in MODE_ONLY.get(name, (mode,))
-
-
-def _run_name_value(v: Any) -> str:
+def _run_name_value(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.1e}" if v != 0 and (abs(v) < 0.01 or abs(v) >= 1000) else f"{v:.3g}"
     return str(v)

@@ -6,31 +6,32 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Sequence
 
 from study.config import StudyConfig
 from study.paths import write_json
 from study.results import BestTrial
 
 if TYPE_CHECKING:  # mlflow is slow to import
-    from study.tracking.store import StudyTracker
+    from study.tracking.store import StudyTracker, TrialSummary
 
 
-def pick_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+def pick_best(trials: Sequence[TrialSummary], metric: str, mode: str) -> TrialSummary | None:
     """Among trials that ran all their iterations, the best final `metric`; if none did
     (every one stopped early or failed), the best of those that reported it. Trials an
     early-stopping scheduler cut short are only a fallback: their value is from an earlier
     iteration and is not comparable."""
-    def value(t: dict[str, Any]) -> float | None:
-        v = t["metrics"].get(metric)
+    def value(t: TrialSummary) -> float | None:
+        v = t.metrics.get(metric)
         return v if v is not None and math.isfinite(v) else None
 
-    for pool in ([t for t in trials if t["completed"]], [t for t in trials if t["status"] != "FAILED"]):
+    for pool in ([t for t in trials if t.completed], [t for t in trials if t.status != "FAILED"]):
         scored = [t for t in pool if value(t) is not None]
         if scored:
             sign = 1 if mode == "max" else -1
-            # Ties broken by trial id, so the choice does not depend on listing order.
-            return max(sorted(scored, key=lambda t: t["trial_id"] or ""), key=lambda t: sign * value(t))
+            # Ties broken by trial id (then run name, for runs without one), so the choice
+            # does not depend on listing order.
+            return max(sorted(scored, key=lambda t: (t.trial_id, t.name)), key=lambda t: sign * value(t))
     return None
 
 
@@ -39,10 +40,10 @@ def best_trial(tracker: StudyTracker, s: StudyConfig) -> BestTrial | None:
     if best is None:
         return None
     return BestTrial(
-        study=s.name, metric=s.metric, mode=s.mode, value=best["metrics"][s.metric],
-        trial_id=best["trial_id"], mlflow_run_id=best["mlflow_run_id"], completed=best["completed"],
-        tracking_uri=s.resolved_tracking_uri, metrics=best["metrics"],
-        config=tracker.load_dict(best["mlflow_run_id"], "config.json"),
+        study=s.name, metric=s.metric, mode=s.mode, value=best.metrics[s.metric],
+        trial_id=best.trial_id, mlflow_run_id=best.run_id, completed=best.completed,
+        tracking_uri=s.resolved_tracking_uri, metrics=best.metrics,
+        config=tracker.load_dict(best.run_id, "config.json"),
         exported_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 

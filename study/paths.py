@@ -8,7 +8,12 @@ import shlex
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Union
+
+# JSON as this project's files and records hold it (study.json, best.json, result.json,
+# MLflow records and artifacts, Ray Jobs metadata): what json.loads returns, json.dumps takes.
+Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]
+JsonObject = dict[str, Json]
 
 
 def check_writable(path: Path, what: str = "folder") -> None:
@@ -28,7 +33,7 @@ def check_writable(path: Path, what: str = "folder") -> None:
         raise ValueError(f"{what} {str(path)!r} cannot be written: {e.strerror or e}") from None
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Json) -> None:
     """Write through a temporary file and a rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -17,7 +17,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import matplotlib.ticker
@@ -25,12 +25,18 @@ import matplotlib.ticker
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from study.config import DDPM_MODES, NOISE_MODES, StudyConfig, TrialConfig, mode_uses  # noqa: E402
+from study.config import StudyConfig, TrialConfig  # noqa: E402
+from study.modes import DDPM_MODES, NOISE_MODES, mode_uses  # noqa: E402
 from study.report_images import ImageFacts, best_grid, best_output, image_facts  # noqa: E402
 from study.space import optuna_figures  # noqa: E402
 
+if TYPE_CHECKING:  # mlflow is slow to import
+    from study.tracking.store import TrialSummary
+
 HONEST = "psnr_ema"   # the honest final number of a trial (no clean image involved in choosing it)
+AUTOSTOP = "psnr_autostop"  # honest too: the output ES-WMV picks, with no clean image
 ORACLE = "psnr_best"  # the best EMA PSNR over iterations: it looks at the clean image
+THREE = ((HONEST, "honest final"), (AUTOSTOP, "honest autostop"), (ORACLE, "oracle best"))
 
 
 @dataclass(frozen=True)
@@ -45,30 +51,26 @@ class TrialRow:
     lr: float
     iteration: int
     metrics: dict[str, float]
+    loss: str = "mse"
+
+    @property
+    def variant(self) -> str:
+        """What the input mode and the loss make of it: `ddpm (sure)` when not MSE."""
+        return self.mode if self.loss == "mse" else f"{self.mode} ({self.loss})"
 
     def value(self, key: str) -> float | None:
         v = self.metrics.get(key)
         return v if v is not None and math.isfinite(v) else None
 
 
-def _state(run: dict[str, Any]) -> str:
-    if run["tags"].get("dip.completed") == "true":
-        return "completed"
-    if run["status"] == "FAILED":
-        return "failed"
-    return "stopped early" if run["status"] == "FINISHED" else run["status"].lower()
-
-
-def trial_rows(runs: list[dict[str, Any]], base: TrialConfig) -> list[TrialRow]:
+def trial_rows(runs: list[TrialSummary], base: TrialConfig) -> list[TrialRow]:
     rows = []
     for r in runs:
-        if r["role"] != "trial":
-            continue
-        p = r["params"]
+        p = r.params
         mode = p.get("noise_mode", base.noise_mode)
         t = int(p.get("timestep", base.timestep)) if mode_uses("timestep", mode) else None
-        rows.append(TrialRow(r["run_name"], r["run_id"], _state(r), mode, t, float(p.get("lr", base.lr)),
-                             int(r["metrics"].get("iteration", 0)), r["metrics"]))
+        rows.append(TrialRow(r.name, r.run_id, r.state, mode, t, float(p.get("lr", base.lr)),
+                             int(r.metrics.get("iteration", 0)), r.metrics, p.get("loss", base.loss)))
     return sorted(rows, key=lambda row: row.name)
 
 
@@ -122,7 +124,16 @@ def _draw_scatter(pts: list[TrialRow], x: str, metric: str, path: Path, log: boo
 
 # --- sections ---
 
+def _cost_per_network(r: TrialRow, gpu: bool) -> float | None:
+    """Device-seconds one network of the trial cost: training `seconds` x what it held (its
+    GPU share, or CPUs) / its networks (images x repeats), all as its run logged them."""
+    held, k, sec = r.value("trial/gpus" if gpu else "trial/cpus"), r.value("trial/networks"), r.value("seconds")
+    return sec * held / k if held is not None and k and sec is not None else None
+
+
 def _mode_section(rows: list[TrialRow], metric: str) -> str:
+    gpu = any((r.value("trial/gpus") or 0) > 0 for r in rows)
+    unit = "GPU" if gpu else "CPU"
     body = []
     for mode in (m for m in NOISE_MODES if any(r.mode == m for r in rows)):
         mine = [r for r in rows if r.mode == mode]
@@ -130,12 +141,38 @@ def _mode_section(rows: list[TrialRow], metric: str) -> str:
         spread = [v for r in mine if r.state == "completed" and (v := r.value(f"{metric}_repeat_std")) is not None]
         st = summarize(done)
         count = {k: sum(r.state == k for r in mine) for k in ("completed", "stopped early", "failed")}
+        cost = [c for r in mine if r.state == "completed" and (c := _cost_per_network(r, gpu)) is not None]
         body.append([mode, str(len(mine)), str(count["completed"]), str(count["stopped early"]), str(count["failed"]),
                      _f(st.get("best")), _f(st.get("median")),
                      f"{_f(st.get('mean'))} ± {_f(st.get('std'))}" if st else "-",
-                     _f(statistics.fmean(spread)) if spread else "-"])
+                     _f(statistics.fmean(spread)) if spread else "-",
+                     _f(statistics.median(cost)) if cost else "-"])
+    share = "GPU share" if gpu else "CPUs"
     return _table(["input mode", "trials", "completed", "stopped early", "failed", f"best {metric}",
-                   f"median {metric}", "mean ± std over trials", "mean spread over repeats (std)"], body)
+                   f"median {metric}", "mean ± std over trials", "mean spread over repeats (std)",
+                   f"{unit}-s per network (median over completed: `seconds` x {share} / networks)"], body)
+
+
+def _three_section(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
+    """Per input mode (and loss), over all images and per image: the median over completed
+    trials of the honest final value, the honest autostop value and the oracle best."""
+    labels = [f.label for f in facts]
+    done = [r for r in rows if r.state == "completed"]
+    variants = sorted({r.variant for r in done}, key=lambda v: (NOISE_MODES.index(v.split(" ")[0]), v))
+    scopes = [("all images", None)] + ([(f.label, f.label) for f in sorted(facts, key=lambda f: f.brightness)]
+                                       if len(labels) > 1 else [])
+    body = []
+    for scope, label in scopes:
+        for v in variants:
+            mine = [r for r in done if r.variant == v]
+            cells = []
+            for key, _ in THREE:
+                k = key if label is None else _image_key(key, label, labels)
+                vals = [x for r in mine if (x := r.value(k)) is not None]
+                cells.append(_f(statistics.median(vals)) if vals else "-")
+            body.append([scope, v, str(len(mine)), *cells])
+    return _table(["image", "input (loss)", "completed trials",
+                   *[f"{label} (median `{key}`)" for key, label in THREE]], body)
 
 
 def _image_key(metric: str, label: str, labels: list[str]) -> str:
@@ -246,11 +283,13 @@ def _best_section(best: TrialRow | None, s: StudyConfig, searched: list[str]) ->
 def _pick_best(rows: list[TrialRow], s: StudyConfig) -> TrialRow | None:
     """The same choice as `export` (study/export.py pick_best)."""
     from study.export import pick_best
+    from study.tracking.store import TrialSummary
 
-    trials = [{"trial_id": r.name, "metrics": r.metrics, "completed": r.state == "completed",
-               "status": "FAILED" if r.state == "failed" else "FINISHED", "row": r} for r in rows]
+    trials = [TrialSummary(run_id=r.run_id, name=r.name, trial_id="", completed=r.state == "completed",
+                           status="FAILED" if r.state == "failed" else "FINISHED", params={},
+                           metrics=r.metrics, tags={}, start=0.0, end=0.0) for r in rows]
     chosen = pick_best(trials, s.metric, s.mode)
-    return chosen["row"] if chosen else None
+    return next(r for r in rows if r.run_id == chosen.run_id) if chosen else None
 
 
 def _figures(rows: list[TrialRow], facts: list[ImageFacts], s: StudyConfig, out: Path) -> list[str]:
@@ -280,6 +319,8 @@ def _header(s: StudyConfig, rows: list[TrialRow], meta: Any, searched: list[str]
             f"- Searched: {', '.join(f'`{k}`' for k in searched)}; {len(rows)} trials "
             f"({s.num_samples} asked), objective `{s.metric}` ({s.mode}), scheduler {s.scheduler}.\n"
             f"- `{HONEST}`: PSNR of the output average at the trial's last report (the honest number). "
+            f"`{AUTOSTOP}`: PSNR of the output the no-reference rule ES-WMV picks (window {t.window}, "
+            f"patience {t.patience}; until it fires, its candidate so far), honest too. "
             f"`{ORACLE}`: the best `{HONEST}` over iterations, an **oracle** (it looks at the clean image).\n"
             "- Medians and means use completed trials only: a trial stopped early by the scheduler "
             "reports an earlier iteration's value, not comparable. The sampler (TPE) gives promising "
@@ -315,7 +356,9 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
     parts = [
         _header(s, rows, meta, searched),
         "## The answer\n", _headline(rows, facts, s, best) + "\n", _best_section(best, s, searched) + "\n", _darkness_sentence(rows, facts) + "\n",
-        "## Per input mode\n", _mode_section(rows, s.metric) + "\n", *[f + "\n" for f in _figures(rows, facts, s, out)],
+        "## Per input mode\n", _mode_section(rows, s.metric) + "\n",
+        "Honest final, honest autostop and oracle best, per input mode and per image:\n",
+        _three_section(rows, facts) + "\n", *[f + "\n" for f in _figures(rows, facts, s, out)],
         "## Per image\n", f"Baseline: {bl or 'none for this task'}, on the very observations the trials "
         "fitted (same seeds), averaged over repeats. " + observation_check(rows, facts)[1]
         + (f" At {s.trial.size} px BM3D finds few similar blocks to group, so it is handicapped; "
@@ -341,7 +384,7 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
 
 
 def _trials_appendix(rows: list[TrialRow], metric: str, base: TrialConfig, searched: list[str]) -> str:
-    keys = list(dict.fromkeys([metric, HONEST, ORACLE]))
+    keys = list(dict.fromkeys([metric, HONEST, AUTOSTOP, ORACLE]))
     body = [[r.name, f"`{_tries(r, base, searched)}`", r.state, str(r.iteration), *[_f(r.value(k)) for k in keys]]
             for r in sorted(rows, key=lambda r: -(r.value(metric) or -math.inf))]
     head = ["run", "what it tries", "state", "iterations", *[f"{k} (oracle)" if k == ORACLE else k for k in keys]]
@@ -351,5 +394,6 @@ def _trials_appendix(rows: list[TrialRow], metric: str, base: TrialConfig, searc
 def _tries(r: TrialRow, base: TrialConfig, searched: list[str]) -> str:
     from study.config import trial_run_name
 
-    cfg = base.replace(noise_mode=r.mode, lr=r.lr, **({"timestep": r.timestep} if r.timestep is not None else {}))
+    cfg = base.replace(noise_mode=r.mode, lr=r.lr, **({"timestep": r.timestep} if r.timestep is not None else {}),
+                       **({"loss": r.loss} if r.loss in ("mse", "l1") or r.mode in DDPM_MODES else {}))
     return trial_run_name(cfg, searched)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+
+from study.paths import JsonObject
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class FitSummary:
     def complete(self) -> bool:
         return self.ended >= self.asked
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return {**dataclasses.asdict(self), "unended": list(self.unended), "lost": list(self.lost),
                 "ended": self.ended,
                 "complete": self.complete}
@@ -48,8 +49,8 @@ class BestTrial:
     completed: bool              # ran all its iterations (else stopped early: a fallback)
     tracking_uri: str            # where the run is
     metrics: dict[str, float]    # every metric of the trial's last report
-    config: dict[str, Any]       # the trial's complete TrialConfig
+    config: JsonObject           # the trial's complete TrialConfig (to_dict)
     exported_at: str             # local time of the export
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return dataclasses.asdict(self)

@@ -10,15 +10,23 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from study import export
 from study import studydir
-from study.config import StudyConfig, mode_uses
+from study.config import StudyConfig
+from study.modes import mode_uses
 from study.results import BestTrial, FitSummary
 from study.studydir import StudyRecord, StudyStage, read_study
 from study.engine.images import preflight
 from study.paths import check_writable, command, resume_hint
+
+if TYPE_CHECKING:  # for the type checker only: these import Ray, MLflow and Optuna
+    from study.cluster.trainable import StudyContext
+    from study.cluster.tune import tune  # tune: Ray's, as the Ray room imports it
+    from study.space import SearchSpace
+    from study.tracking.store import StudyTracker
+
 
 def _tracking():  # noqa: ANN202 - imported lazily: mlflow is slow to import
     from study.tracking import store as tracking
@@ -26,7 +34,7 @@ def _tracking():  # noqa: ANN202 - imported lazily: mlflow is slow to import
     return tracking
 
 
-def preflight_study(s: StudyConfig) -> Any:
+def preflight_study(s: StudyConfig) -> SearchSpace:
     """Everything that can be refused is refused here, before anything is written."""
     from study.space import load_space
 
@@ -41,15 +49,15 @@ def preflight_study(s: StudyConfig) -> Any:
     return space
 
 
-def _context(s: StudyConfig, experiment_id: str, parent: str) -> Any:
+def _context(s: StudyConfig, experiment_id: str, parent: str) -> StudyContext:
     """Starts the study's MLflow relay (on this node) and returns what every trial needs."""
-    from study.cluster import relay as rl, tune as st
+    from study.cluster import relay as rl, trainable
 
     rl.start_relay(s.name, s.spool_dir, s.resolved_tracking_uri)
-    return st.StudyContext(study=s.name, base=s.trial.to_dict(), experiment_id=experiment_id,
-                           parent_run_id=parent, relay=rl.relay_name(s.name), metric=s.metric,
-                           image_every=s.image_every, checkpoint_every=s.resolved_checkpoint_every,
-                           threads=max(1, int(s.cpus_per_trial)))
+    return trainable.StudyContext(
+        study=s.name, base=s.trial.to_dict(), experiment_id=experiment_id, parent_run_id=parent,
+        relay=rl.relay_name(s.name), metric=s.metric, image_every=s.image_every,
+        checkpoint_every=s.resolved_checkpoint_every, threads=max(1, int(s.cpus_per_trial)))
 
 
 def check_storage(s: StudyConfig, nodes: int) -> None:
@@ -70,7 +78,7 @@ def check_storage(s: StudyConfig, nodes: int) -> None:
             "image, or pass --shared-storage if every node mounts that path")
 
 
-def _tracker(s: StudyConfig) -> Any:
+def _tracker(s: StudyConfig) -> StudyTracker:
     artifacts = None
     if s.resolved_tracking_uri.startswith("sqlite:"):
         artifacts = (Path(s.root) / "artifacts" / s.name).as_uri()
@@ -121,7 +129,8 @@ def resume(root: str, name: str, address: str = "") -> int:
         st.shutdown()
 
 
-def _fit_and_finish(s: StudyConfig, tracker: Any, parent: str, tuner: Any, searched: list[str]) -> int:
+def _fit_and_finish(s: StudyConfig, tracker: StudyTracker, parent: str, tuner: tune.Tuner,
+                    searched: list[str]) -> int:
     from study.cluster import relay as rl, tune as st
     from study.tracking.records import LOST_TAG, end_record, tags_record
 
@@ -141,7 +150,7 @@ def _fit_and_finish(s: StudyConfig, tracker: Any, parent: str, tuner: Any, searc
     status = "FINISHED" if summary.complete else "KILLED"
     relay = rl.drain(s.name, _say)
     rl.send(s.name, tracker.finish_records(parent, status, best, summary.to_dict(),
-                                           relay["dropped"] + relay["skipped"]))
+                                           relay.lost))
     if not _delivered(s):
         return 130
     if not summary.complete:
@@ -173,7 +182,7 @@ def _delivered(s: StudyConfig) -> bool:
 
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: object) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 

@@ -18,16 +18,17 @@ import dataclasses
 import json
 import warnings
 from pathlib import Path
-from typing import Any
 
 import optuna
 import yaml
 
-from study.config import NOISE_MODES, TrialConfig, mode_uses
+from study.config import TrialConfig
+from study.paths import Json, JsonObject
+from study.modes import NOISE_MODES, mode_searches, mode_uses
 
 # The default space: every input mode, t over the useful range of the linear schedule
 # (alpha_bar_300 = 0.39: past that little of the image survives), lr on a log scale.
-DEFAULT_SPACE: dict[str, Any] = {
+DEFAULT_SPACE: JsonObject = {
     "noise_mode": list(NOISE_MODES),
     "timestep": {"low": 0, "high": 300},
     "lr": {"low": 1e-4, "high": 1e-1, "log": True},
@@ -44,14 +45,31 @@ class Param:
     high: float = 0
     log: bool = False
 
-    def suggest(self, trial: optuna.Trial) -> Any:
+    def suggest(self, trial: optuna.Trial) -> Json:
         if self.kind == "choice":
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.kind == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
 
-    def extremes(self) -> list[Any]:
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        """The distribution `suggest` records: equal to it, or TPE would not see the trials
+        a warm start adds (it reads only trials whose distribution matches its own)."""
+        if self.kind == "choice":
+            return optuna.distributions.CategoricalDistribution(list(self.choices))
+        if self.kind == "int":
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log)
+        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log)
+
+    def contains(self, v: Json) -> bool:
+        """Whether `suggest` could have proposed `v`."""
+        if self.kind in ("choice", "fixed"):
+            return v in self.choices
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        whole = isinstance(v, int) if self.kind == "int" else number
+        return number and whole and self.low <= v <= self.high
+
+    def extremes(self) -> list[Json]:
         """Values to check against the base config: every choice, every integer of a range
         that is not huge (a size range holds sizes the network's scales do not divide),
         else the ends."""
@@ -62,7 +80,7 @@ class Param:
             return list(range(lo, hi + 1)) if hi - lo <= 5000 else [lo, hi]
         return [self.low, self.high]
 
-    def to_spec(self) -> Any:
+    def to_spec(self) -> Json:
         if self.kind == "choice":
             return list(self.choices)
         if self.kind == "fixed":
@@ -70,7 +88,7 @@ class Param:
         return {"low": self.low, "high": self.high, "log": self.log}
 
 
-def _parse_param(name: str, spec: Any, base: TrialConfig) -> Param:
+def _parse_param(name: str, spec: Json, base: TrialConfig) -> Param:
     default = getattr(base, name)
     if isinstance(spec, list):
         if not spec:
@@ -98,7 +116,7 @@ class SearchSpace:
     """Parsed, validated space; callable as Optuna's define-by-run function (a class, not a
     closure, so Ray can pickle it into the searcher's checkpoint)."""
 
-    def __init__(self, spec: dict[str, Any], base: TrialConfig):
+    def __init__(self, spec: JsonObject, base: TrialConfig):
         if not isinstance(spec, dict) or not spec:
             raise ValueError("a search space must be a non-empty mapping of parameter to range")
         fields = {f.name for f in dataclasses.fields(TrialConfig)}
@@ -111,29 +129,51 @@ class SearchSpace:
         self._check(base)
 
     def _check(self, base: TrialConfig) -> None:
-        """Every value the space can propose must make a valid TrialConfig."""
+        """Every value the space can propose must make a valid TrialConfig, with each mode
+        of the space it is applied to (`_applies`)."""
+        modes = next((p.extremes() for p in self.params if p.name == "noise_mode"), [base.noise_mode])
         for p in self.params:
             for v in p.extremes():
-                try:
-                    base.replace(**{p.name: v})
-                except (ValueError, TypeError) as e:
-                    raise ValueError(f"search space: {p.name} = {v!r} is not allowed: {e}") from None
+                for mode in ([v] if p.name == "noise_mode" else [m for m in modes if _applies(p, m)]):
+                    try:
+                        base.replace(**{"noise_mode": mode, p.name: v})
+                    except (ValueError, TypeError) as e:
+                        raise ValueError(f"search space: {p.name} = {v!r} is not allowed: {e}") from None
 
-    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+    def __call__(self, trial: optuna.Trial) -> JsonObject:
         """Define-by-run: suggest each parameter; those a mode does not use are skipped, so
-        Optuna's history holds only values that mattered (study/config.py MODE_ONLY).
+        Optuna's history holds only values that mattered (study/modes.py MODE_ONLY,
+        SEARCHED_ONLY).
         Returns the fixed values."""
-        chosen: dict[str, Any] = {}
-        fixed: dict[str, Any] = {}
+        chosen: JsonObject = {}
+        fixed: JsonObject = {}
         for p in self.params:
             mode = chosen.get("noise_mode", fixed.get("noise_mode"))
-            if mode is not None and not mode_uses(p.name, mode):
+            if mode is not None and not _applies(p, mode):
                 continue
             if p.kind == "fixed":
                 fixed[p.name] = p.choices[0]
             else:
                 chosen[p.name] = p.suggest(trial)
         return fixed
+
+    def mode_points(self, n: int, tried: set[str] = frozenset()) -> list[JsonObject]:
+        """A study's first trials when it searches `noise_mode`: one per mode the space
+        offers that `tried` lacks, in the space's order, at most `n` (OptunaSearch's
+        points_to_evaluate). TPE's random start-up alone can miss modes: the demo's 8 trials
+        with seed 0 drew gaussian 6 times and ddpm_random_t twice. Only the mode is set;
+        the sampler draws the rest as in its start-up, so these trials still explore t and
+        lr (the base config's values may even lie outside the space's ranges)."""
+        p = next((p for p in self.params if p.name == "noise_mode" and p.kind == "choice"), None)
+        modes = [m for m in dict.fromkeys(p.choices) if m not in tried] if p else []
+        return [{"noise_mode": m} for m in modes[:max(n, 0)]]
+
+
+def _applies(p: Param, mode: str) -> bool:
+    """Whether a trial of input mode `mode` takes `p`: a fixed value wherever the mode uses
+    the field (study/modes.py MODE_ONLY), a searched one where the space asks it for that
+    mode (SEARCHED_ONLY: `loss` for the DDPM modes only)."""
+    return mode_uses(p.name, mode) if p.kind == "fixed" else mode_searches(p.name, mode)
 
 
 def load_space(path: str | None, base: TrialConfig) -> SearchSpace:
@@ -180,6 +220,15 @@ def load_optuna_study(study_dir: str | Path, name: str) -> optuna.Study | None:
         return None
 
 
+def tried_modes(study_dir: str | Path, name: str) -> set[str]:
+    """The input modes the study's Optuna record holds a trial of, in any state (queued
+    ones included), so that `extend` does not queue them again."""
+    study = load_optuna_study(study_dir, name)
+    trials = study.get_trials(deepcopy=False) if study is not None else []
+    return {t.params.get("noise_mode") or t.system_attrs.get("fixed_params", {}).get("noise_mode")
+            for t in trials} - {None}
+
+
 def optuna_figures(study_dir: str | Path, name: str, out: Path) -> list[tuple[str, str]]:
     """Optuna's own view of the study (optimisation history, importances, slices) as PNGs
     under `out`, for the report: (file name, title) per plot, or ("", why not drawn); none
@@ -210,3 +259,70 @@ def optuna_figures(study_dir: str | Path, name: str, out: Path) -> list[tuple[st
         plt.close(fig)
         made.append((fname, title))
     return made
+
+
+# --- The warm start (study/warmstart.py): earlier studies' trials in a new study's record ---
+
+WARM_START_ATTR = "warm_start_from"  # user attr of a trial a warm start added: the study it came from
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlierTrial:
+    """A finished trial of an earlier study, as its Optuna record holds it."""
+
+    study: str
+    number: int                  # its number in that study's record
+    params: JsonObject       # what the sampler proposed (fixed values are not in it)
+    value: float                 # that study's objective
+
+
+def finished_trials(study_dir: str | Path, name: str) -> list[EarlierTrial]:
+    """The study's own COMPLETE trials (not those it was warm-started with itself: name that
+    study to start from them), single-objective; none without a record."""
+    study = load_optuna_study(study_dir, name)
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if study else []
+    return [EarlierTrial(name, t.number, dict(t.params), t.value) for t in trials
+            if WARM_START_ATTR not in t.user_attrs and t.values and len(t.values) == 1]
+
+
+def fits(space: SearchSpace, params: JsonObject) -> bool:
+    """Whether the new `space` could have asked a trial with these `params` (an earlier
+    study's Optuna record): the very names `SearchSpace.__call__` suggests for the trial's
+    input mode, each value inside its distribution."""
+    asked, mode = set(), None
+    for p in space.params:
+        if mode is not None and not _applies(p, mode):
+            continue
+        if p.kind == "fixed":
+            mode = p.choices[0] if p.name == "noise_mode" else mode
+            continue
+        if p.name not in params or not p.contains(params[p.name]):
+            return False
+        asked.add(p.name)
+        mode = params[p.name] if p.name == "noise_mode" else mode
+    return asked == set(params)
+
+
+def add_warm_trials(study_dir: str | Path, name: str, mode: str, space: SearchSpace,
+                    trials: list[tuple[EarlierTrial, float]]) -> int:
+    """Create study `name`'s Optuna record (ROOT/NAME/optuna.db, direction from `mode`,
+    "max" or "min") holding each (earlier trial, value) as a COMPLETE trial with the new
+    space's distributions, marked WARM_START_ATTR; OptunaSearch then loads it. Returns the
+    number added."""
+    study = optuna.create_study(storage=make_storage(Path(study_dir) / OPTUNA_DB), study_name=name,
+                                direction="maximize" if mode == "max" else "minimize")
+    dists = {p.name: p.distribution() for p in space.params if p.kind != "fixed"}
+    study.add_trials([optuna.trial.create_trial(
+        params=t.params, distributions={k: dists[k] for k in t.params}, value=value,
+        user_attrs={WARM_START_ATTR: t.study, "warm_start_number": t.number}) for t, value in trials])
+    return len(trials)
+
+
+def warm_start_counts(study_dir: str | Path, name: str) -> dict[str, int]:
+    """Trials of the study's Optuna record that a warm start added, per study they came from."""
+    study = load_optuna_study(study_dir, name)
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False) if study is not None else []:
+        if WARM_START_ATTR in t.user_attrs:
+            counts[t.user_attrs[WARM_START_ATTR]] = counts.get(t.user_attrs[WARM_START_ATTR], 0) + 1
+    return counts

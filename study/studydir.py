@@ -16,10 +16,9 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from study.config import StudyConfig, check_keys
-from study.paths import write_json
+from study.paths import JsonObject, write_json
 
 STUDY_FILE = "study.json"
 
@@ -33,11 +32,11 @@ class StudyStage:
     first_trial: int             # number of its first trial (trial_NNNN)
     created: str                 # local time it started
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return {**dataclasses.asdict(self), "study": self.study.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StudyStage":
+    def from_dict(cls, d: JsonObject) -> "StudyStage":
         check_keys(cls, d, "study stage key")
         return cls(**{**d, "study": StudyConfig.from_dict(d["study"])})
 
@@ -49,7 +48,7 @@ class StudyRecord:
     study: StudyConfig           # the settings of its first `run`
     experiment_id: str           # its MLflow experiment
     parent_run_id: str           # its MLflow parent run
-    space: dict[str, Any]        # the search space's spec (study/space.py)
+    space: JsonObject            # the search space's spec (study/space.py)
     created: str                 # local time it started
     extensions: tuple[StudyStage, ...] = ()  # every `extend`, oldest first
 
@@ -61,13 +60,13 @@ class StudyRecord:
     def extended(self, stage: StudyStage) -> "StudyRecord":
         return dataclasses.replace(self, extensions=(*self.extensions, stage))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return {"study": self.study.to_dict(), "experiment_id": self.experiment_id,
                 "parent_run_id": self.parent_run_id, "space": self.space, "created": self.created,
                 "extensions": [e.to_dict() for e in self.extensions]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StudyRecord":
+    def from_dict(cls, d: JsonObject) -> "StudyRecord":
         check_keys(cls, d, "study.json key")
         return cls(**{**d, "study": StudyConfig.from_dict(d["study"]),
                       "extensions": tuple(StudyStage.from_dict(e) for e in d.get("extensions") or ())})

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studyutil import ROOT, env, free_ports, kill_until_gone, marked_pids, wait_http
+from studyutil import ROOT, SERVER_ENV, env, free_ports, kill_until_gone, marked_pids, wait_http
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
@@ -240,7 +240,7 @@ class Cluster:
             "--backend-store-uri", f"sqlite:///{self.base}/mlflow.db", "--serve-artifacts",
             "--artifacts-destination", str(self.base / "mlflow-artifacts"), "--workers", "1"],
             f"http://{self.head_ip}:{port}/health", self.base / "mlflow.log",
-            env(DIPC_CLUSTER=self.marker))
+            env(DIPC_CLUSTER=self.marker, **SERVER_ENV))
         self.mlflow.launch()
 
     def _head(self) -> None:

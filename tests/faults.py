@@ -1,5 +1,5 @@
 """Faults injected into real trials from the test side: the study service calls the hook
-named by DIP_TEST_HOOK=faults:hook at each report and when training ends (study/cluster/tune.py
+named by DIP_TEST_HOOK=faults:hook at each report and when training ends (study/cluster/trainable.py
 `_test_hook`); nothing here is in the training loop. Each fault is chosen by a variable:
 
     DIP_FAULT_NAN_AT="N[:LR]"      the first report at iteration >= N raises TrialDiverged (the

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import skimage.data
 import torch
 from PIL import Image
 
-from study.engine.apply import ApplyOptions, apply, padded_side, read_picture, WindowVariance
+from study.engine.apply import ApplyOptions, apply, padded_side, read_picture
+from study.engine.autostop import WindowVariance
 from study.config import TrialConfig
 from study.engine.metrics import psnr
 
@@ -95,20 +97,23 @@ def test_stop_auto_stops_at_the_variance_minimum(noisy_colour, tmp_path):
     opts = ApplyOptions(stop="auto", window=10, patience=30, max_iterations=2000)
     info = apply(FAST.replace(report_every=20), str(noisy_path), out, opts, progress=lines.append)
     assert info["stop"] == "es-wmv"
-    # It stopped `patience` iterations after the minimum, far before the upper bound.
-    assert info["iterations_run"] == info["stop_iteration"] + 30 < 2000
+    # The rule fired `patience` iterations after the minimum, far before the upper bound,
+    # and the loop ended at the report after it (the trial loop checks at reports).
+    assert info["fired_at"] == info["stop_iteration"] + 30 < 2000
+    assert info["fired_at"] <= info["iterations_run"] < info["fired_at"] + 20
     assert any("wmv" in s for s in lines) and "stopped by ES-WMV at iteration" in lines[-1]
 
 
 def test_window_variance_is_the_variance_of_the_last_window():
     torch.manual_seed(0)
     xs = [torch.rand(1, 1, 4, 5) for _ in range(7)]
-    wv = WindowVariance(3)
-    got = [wv.add(x) for x in xs]
-    assert got[:2] == [None, None]
-    last = torch.stack(xs[-3:]).double()
-    want = float(((last - last.mean(0)) ** 2).mean())
-    assert got[-1] == pytest.approx(want, rel=1e-9)
+    wv = WindowVariance(3, (1, 1, 4, 5), torch.device("cpu"))
+    got = [float(wv.add(x, torch.tensor(i + 1))[0]) for i, x in enumerate(xs)]
+    assert got[:2] == [math.inf, math.inf]  # the window is not full yet
+    for end in (3, 7):  # the first full window, and one that slid over the ring
+        last = torch.stack(xs[end - 3:end]).double()
+        want = float(((last - last.mean(0)) ** 2).mean())
+        assert got[end - 1] == pytest.approx(want, rel=1e-9)
 
 
 @pytest.mark.parametrize("side,multiple,factor,want", [

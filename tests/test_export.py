@@ -7,22 +7,23 @@ import math
 from study.config import TrialConfig, load_config_file
 from study.results import BestTrial
 from study.export import pick_best, write
+from study.tracking.store import TrialSummary
 
 
 def _t(tid, value, completed=True, status="FINISHED"):
-    return {"trial_id": tid, "mlflow_run_id": f"run-{tid}", "status": status,
-            "completed": completed, "metrics": {"psnr_ema": value, "loss": -value}}
+    return TrialSummary(run_id=f"run-{tid}", name=tid, trial_id=tid, status=status, completed=completed,
+                        params={}, metrics={"psnr_ema": value, "loss": -value}, tags={}, start=0.0, end=0.0)
 
 
 def test_completed_trials_win_over_early_stopped_ones():
     trials = [_t("a", 30.0, completed=False), _t("b", 25.0), _t("c", 26.0)]
-    assert pick_best(trials, "psnr_ema", "max")["trial_id"] == "c"
+    assert pick_best(trials, "psnr_ema", "max").trial_id == "c"
 
 
 def test_failed_and_nan_trials_never_win_and_min_mode_works():
     trials = [_t("a", math.nan), _t("b", 20.0), _t("c", 40.0, status="FAILED", completed=False)]
-    assert pick_best(trials, "psnr_ema", "max")["trial_id"] == "b"
-    assert pick_best([_t("x", 20.0), _t("y", 22.0)], "loss", "min")["trial_id"] == "y"
+    assert pick_best(trials, "psnr_ema", "max").trial_id == "b"
+    assert pick_best([_t("x", 20.0), _t("y", 22.0)], "loss", "min").trial_id == "y"
     assert pick_best([_t("z", 1.0, completed=False, status="FAILED")], "psnr_ema", "max") is None
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 
 from faults import HOOK
-from studyutil import ROOT, check_study, cli, client, env, free_port
+from studyutil import ROOT, check_study, cli, client, env, free_port, logged_iteration
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TRIALS = ["--size", "32", "--scales", "2", "--channels", "8", "--report-every", "10",
@@ -37,15 +37,26 @@ def _ours(marker: str) -> list[int]:
     return [pid for pid in pids if pid != os.getpid()]
 
 
-def _wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path, e: dict) -> None:
+def _wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path, token: str) -> None:
+    """Until the job server answers what `JobSubmissionClient(url).list_jobs()` asks (its
+    version, then the job list), with the token. Asked over HTTP from here: a client in a
+    fresh interpreter per try costs seconds of imports each on a loaded machine."""
+    import urllib.request
+
+    def answers(path: str) -> bool:
+        req = urllib.request.Request(url + path, headers={"authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
     deadline = time.time() + 180
     while time.time() < deadline:
         assert proc.poll() is None, log.read_text()[-3000:]
-        r = subprocess.run([sys.executable, "-c", "from ray.job_submission import JobSubmissionClient as C; "
-                            f"C({url!r}).list_jobs()"], env=e, capture_output=True, timeout=60)
-        if r.returncode == 0:
+        if answers("/api/version") and answers("/api/jobs/"):
             return
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError("the Ray job server did not answer in time: " + log.read_text()[-3000:])
 
 
@@ -75,7 +86,7 @@ def head():
         env=e, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
-        _wait_for_dashboard(url, proc, log, e)
+        _wait_for_dashboard(url, proc, log, token.read_text())
         yield url, {"RAY_AUTH_TOKEN_PATH": str(token)}, faults
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -104,14 +115,20 @@ def _follow(url: str, auth: dict, name: str) -> str:
     return r.stdout
 
 
-def _wait_for_pause(faults: Path, logs: Callable[[], str], timeout: float = 240) -> str:
-    """Until a trial paused at iteration 60 (its checkpoints at 20, 40, 60 written); returns its id."""
+def _wait_for_pause(faults: Path, logs: Callable[[], str], uri: str, name: str,
+                    timeout: float = 240) -> str:
+    """Until a trial paused at iteration 60 (its checkpoints at 20, 40, 60 written) and MLflow
+    holds its report of iteration 50; returns its id. (Tune's driver has that report already:
+    a function trainable's `tune.report` returns once the driver processed it.)"""
     deadline = time.time() + timeout
     while not (faults / "paused").exists():
         assert time.time() < deadline, "no trial reached iteration 60 in time:\n" + logs()[-3000:]
         time.sleep(0.5)
-    time.sleep(2)  # its report reaches the driver and MLflow
-    return (faults / "paused").read_text().split()[0]
+    trial = (faults / "paused").read_text().split()[0]
+    while logged_iteration(uri, name, trial) < 50:
+        assert time.time() < deadline, f"MLflow has no iteration 50 of {trial} in time:\n" + logs()[-3000:]
+        time.sleep(0.5)
+    return trial
 
 
 @pytest.mark.slow
@@ -122,7 +139,7 @@ def test_submit_status_stop_resume_follow(head, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     _submit(url, auth, "run", "--name", "jk", "--root", str(tmp_path), "--iterations", "200", *TRIALS,
             "--num-samples", "2")
-    paused = _wait_for_pause(faults, lambda: cli("logs", "jk", "--cluster", url, **auth).stdout)
+    paused = _wait_for_pause(faults, lambda: cli("logs", "jk", "--cluster", url, **auth).stdout, uri, "jk")
     r = cli("status", "jk", "--cluster", url, **auth)
     assert r.returncode == 0 and "RUNNING" in r.stdout and "of 2 asked" in r.stdout, r.stdout + r.stderr
     assert "iterations/s" in r.stdout and "ETA at most" in r.stdout

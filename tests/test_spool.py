@@ -95,7 +95,7 @@ def test_courier_creates_the_run_of_a_trial_that_died_before_its_first_record(tm
 
 def _wait_empty(courier, timeout=60):
     deadline = time.time() + timeout
-    while courier.status()["pending_batches"]:
+    while courier.status().pending_batches:
         assert time.time() < deadline, courier.status()
         time.sleep(0.2)
 
@@ -109,8 +109,8 @@ def test_courier_waits_for_a_server_that_is_away(tmp_path):
     lines: list[str] = []
     courier = Courier(Spool(tmp_path / "spool"), uri, say=lines.append, max_backoff=1.0).start()
     courier.put([metrics_record({"x": float(i)}, i, run_id="not-yet") for i in range(3)])
-    wait_until(lambda: courier.status()["down_since"], "the courier seeing the server away", timeout=60)
-    assert courier.status()["pending_batches"] == 1 and courier.status()["down_since"]
+    wait_until(lambda: courier.status().down_since, "the courier seeing the server away", timeout=60)
+    assert courier.status().pending_batches == 1 and courier.status().down_since
     try:
         server.start()
         c = client(uri)
@@ -120,6 +120,46 @@ def test_courier_waits_for_a_server_that_is_away(tmp_path):
         courier.stop()
         assert [m.value for m in c.get_metric_history(run_id, "y")] == [1.0]
         assert sum("unreachable" in x for x in lines) == 1 and sum("is back" in x for x in lines) == 1
-        assert courier.status()["skipped"] == 3  # the records for a run that never existed
+        assert courier.status().skipped == 3  # the records for a run that never existed
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("where", ["get_metric_history", "log_batch"])
+def test_an_outage_inside_a_trials_first_delivery_loses_nothing(tmp_path, where):
+    """The server goes away between creating or finding a trial's run and reading its
+    high water (`get_metric_history`) or logging its params (`log_batch`): the record is
+    tried again whole, the run gets its params and every step, nothing is skipped."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    c0 = MlflowClient(uri)
+    exp = c0.create_experiment("x")
+    parent = c0.create_run(exp).info.run_id
+    courier = Courier(Spool(tmp_path / "spool"), uri, say=lambda s: None)
+    real, failed = courier.client, []
+
+    class Flaky:  # the real client, but the first call of `where` fails as a lost server does
+        def __getattr__(self, name):
+            def call(*a, **k):
+                if name == where and not failed:
+                    failed.append(name)
+                    raise ConnectionError("server went away")
+                return getattr(real, name)(*a, **k)
+            return call
+
+    courier.client = Flaky()
+    courier.max_backoff = 0.2
+    courier.start()
+    batches: list = []
+    log = TrialLogger(batches.append, run_create_info(exp, parent, "x", "t1", "n", {"lr": 0.01}))
+    for step in (0, 10, 20):
+        log.log_metrics({"iteration": step, "psnr": 1.0}, step)
+        log.flush()
+    for b in batches:
+        courier.put(b)
+    wait_until(lambda: not len(courier.spool), timeout=30, what="the spool to empty")
+    run = c0.search_runs([exp], "tags.`dip.trial_id` = 't1'")[0]
+    assert failed == [where] and courier.skipped == 0
+    assert run.data.params == {"lr": "0.01"}
+    assert [m.step for m in c0.get_metric_history(run.info.run_id, "iteration")] == [0, 10, 20]

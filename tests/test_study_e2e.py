@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 from faults import HOOK
@@ -17,6 +18,9 @@ from studyutil import ROOT, TINY, best_child, check_study, cli, client, env, fre
 
 pytestmark = pytest.mark.slow
 IMAGES = ("camera", "moon")  # two images per trial: the objective is their mean
+# An image card's picture: MLflow serves a keyed image (`camera/output` -> `camera~output`)
+# from the run's images/ artifacts.
+IMAGE_SRC = re.compile(r'<img[^>]*\ssrc="[^"]*get-artifact\?path=images%2F[^"]*~[^"]*"')
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +54,17 @@ def test_study_records_parent_children_metrics_images(study):
         assert mode == r.data.params["noise_mode"] and rest[-1].startswith("lr="), r.info.run_name
         assert any(x.startswith("t=") for x in rest) == (mode != "uniform"), r.info.run_name
         assert r.data.tags["dip.trial_name"].startswith("trial_")
+        # Params: what the space set (MLflow prints them above every image card); the whole
+        # config is in a tag.
+        assert set(r.data.params) <= {"noise_mode", "timestep", "lr"}, sorted(r.data.params)
+        config = json.loads(r.data.tags["dip.config"])
+        assert config["size"] == 32 and config["images"] == list(IMAGES)
+        assert config["noise_mode"] == mode and float(r.data.params["lr"]) == config["lr"]
+    # The study opens with one trial per mode its space offers; then TPE chooses.
+    ostudy = optuna.load_study(study_name="e2e", storage=f"sqlite:///{root}/e2e/optuna.db")
+    first = sorted(ostudy.trials, key=lambda t: t.number)[:3]
+    assert [t.params["noise_mode"] for t in first] == ["uniform", "ddpm", "ddpm_resample"]
+    assert {r.data.params["noise_mode"] for r in children} >= {"uniform", "ddpm", "ddpm_resample"}
 
 
 def test_export_equals_best_child_and_parent(study, tmp_path):
@@ -125,6 +140,15 @@ def test_ui_shows_the_study_in_a_browser(study, tmp_path):
         runs_page = dom(f"{base}/runs")
         run_page = dom(f"{base}/runs/{child.info.run_id}")
         link_page = dom(link)
+        # The trial's image cards: its charts load lazily, so up to three tries for the images.
+        metrics_url = f"{base}/runs/{shown.info.run_id}/model-metrics"
+        for _ in range(3):
+            metrics_page = subprocess.run(
+                [browser, *[f for f in flags if not f.startswith(("--virtual-time-budget", "--window-size"))],
+                 "--virtual-time-budget=60000", "--window-size=1400,1500", "--dump-dom", metrics_url],
+                capture_output=True, text=True, timeout=180).stdout
+            if IMAGE_SRC.search(metrics_page):
+                break
         shots = Path(os.environ.get("DIP_SCREENSHOTS") or tmp_path).absolute()
         shots.mkdir(parents=True, exist_ok=True)
         shot = [f for f in flags if not f.startswith(("--virtual-time-budget", "--window-size"))]
@@ -152,3 +176,11 @@ def test_ui_shows_the_study_in_a_browser(study, tmp_path):
     assert re.search(r">6<(?:[^>]*>){0,6}\s*matching runs", link_page), "the link should show the 6 trials"
     assert ">study<" not in link_page and "Sort: psnr_ema" in link_page.replace("<!-- -->", "")
     assert all((shots / n).stat().st_size > 10_000 for n in ("ui_study_link.png", "ui_trial_images.png"))
+    # Its image cards show images (MLflow's own image artifacts), and above them only the
+    # params the space set: no whole config (`images=[...], size=32, ...`) pushing them away.
+    (tmp_path / "model_metrics.html").write_text(metrics_page)
+    assert len(IMAGE_SRC.findall(metrics_page)) >= 2, metrics_page[-3000:]
+    text = re.sub(r"<[^>]+>", " ", metrics_page.replace("<!-- -->", ""))
+    assert f"noise_mode={shown.data.params['noise_mode']}" in text, text[-3000:]
+    assert not re.search(r"\b(size=32|channels=8|iterations=40|images=)", text), \
+        re.findall(r".{80}\b(?:size=32|images=).{80}", text)[:2]

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from faults import HOOK
-from studyutil import ROOT, MlflowServer, check_study, client, env
+from studyutil import ROOT, MlflowServer, check_study, client, env, tracebacks
 
 pytestmark = pytest.mark.slow
 OUTAGE_S = float(os.environ.get("DIP_OUTAGE_S", "20"))
@@ -29,7 +29,9 @@ def _first_reports(url: str, name: str, proc: subprocess.Popen, timeout: float =
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         exp = c.get_experiment_by_name(name)
         runs = c.search_runs([exp.experiment_id], "tags.`dip.role` = 'trial'") if exp else []
-        if any(r.data.metrics.get("iteration", 0) >= 20 for r in runs):
+        # Both trials reported (see test_cluster_netns.py: an outage inside a trial's first
+        # delivery is a race of the courier's, not what this test is for).
+        if len([r for r in runs if r.data.metrics.get("iteration", 0) >= 20]) == 2:
             return
         time.sleep(0.5)
     raise AssertionError("no trial reported in time")
@@ -63,6 +65,6 @@ def test_study_survives_an_mlflow_outage(tmp_path):
         assert any(down < t < up for t in stamps), ("no report during the outage", down, up, sorted(stamps))
         assert out.count("is unreachable") == 1, out[-4000:]
         assert out.count("is back after") == 1, out[-4000:]
-        assert "Traceback" not in out
+        assert not tracebacks(out), out[-4000:]
     finally:
         server.stop()

@@ -13,7 +13,7 @@ from study.cluster.tune import TrialName, _scheduler
 from study.config import StudyConfig, TrialConfig
 from study.service import check_storage
 from study.tracking.records import MAX_PARAM_LEN, flat_params
-from study.tracking.store import StudyView, TrialView
+from study.tracking.store import StudyView, TrialSummary
 
 
 def study(**kw) -> StudyConfig:
@@ -53,8 +53,9 @@ def test_storage_on_one_node_is_anything_but_several_need_a_shared_one():
 
 
 def _trial(name, status, it, psnr, start, end):
-    return TrialView(run_id=name, name=name, trial=name, status=status, completed=status == "FINISHED",
-                     metrics={"iteration": it, "psnr_ema": psnr}, params={"lr": "0.01"}, start=start, end=end)
+    return TrialSummary(run_id=name, name=name, trial_id=name, status=status, completed=status == "FINISHED",
+                        metrics={"iteration": it, "psnr_ema": psnr}, params={"lr": "0.01"},
+                        tags={"dip.trial_name": name}, start=start, end=end)
 
 
 def test_progress_lines_count_best_speed_and_eta(tmp_path):

@@ -6,27 +6,32 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from faults import HOOK
-from studyutil import ROOT, check_study, cli, client, env
+from studyutil import ROOT, check_study, cli, client, env, logged_iteration, marked_pids, wait_until
 
 pytestmark = pytest.mark.slow
+REPORT_EVERY = 10
 FLAGS = ["--size", "32", "--scales", "2", "--channels", "8", "--iterations", "80",
-         "--report-every", "10", "--image-every", "50", "--scheduler", "fifo",
+         "--report-every", str(REPORT_EVERY), "--image-every", "50", "--scheduler", "fifo",
          "--max-concurrent", "1", "--num-samples", "3", "--checkpoint-every", "1"]
 
 
-def _wait_for_file(path, proc: subprocess.Popen, timeout: float = 240) -> str:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.time() < deadline, f"{path} did not appear in time"
-        time.sleep(0.5)
-    time.sleep(1)  # the paused trial's last report reaches the driver
-    return path.read_text()
+def _wait_for_pause(faults, proc: subprocess.Popen, uri: str, name: str, timeout: float = 240) -> str:
+    """Until a trial paused (tests/faults.py) and MLflow holds its last report; returns its id.
+    Tune's driver already has that report: a function trainable reports synchronously, its
+    `tune.report` returns only once the driver processed the result and asked for the next."""
+    path = faults / "paused"
+    wait_until(lambda: path.exists() or proc.poll() is not None, f"{path} to appear", timeout)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    trial, event, at = path.read_text().split()
+    last = int(at) if event == "end" else int(at) - REPORT_EVERY  # "report" pauses before its own
+    wait_until(lambda: proc.poll() is not None or logged_iteration(uri, name, trial) >= last,
+               f"iteration {last} of {trial} in MLflow", timeout)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    return trial
 
 
 # Where Ctrl-C lands, made deterministic by pausing one trial there (tests/faults.py): in the
@@ -46,7 +51,7 @@ def test_sigint_then_resume(tmp_path, moment, then_resume):
                              str(tmp_path), *FLAGS], cwd=ROOT, text=True,
                             env=env(**HOOK, DIP_FAULT_PAUSE=moment, DIP_FAULT_DIR=str(faults)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    paused_trial = _wait_for_file(faults / "paused", proc).split()[0]
+    paused_trial = _wait_for_pause(faults, proc, uri, "ri")
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, out[-3000:]
@@ -92,10 +97,11 @@ def test_killed_driver_then_resume(tmp_path):
                              str(tmp_path), *FLAGS], cwd=ROOT, text=True,
                             env=env(**HOOK, DIP_FAULT_PAUSE="report:40#2", DIP_FAULT_DIR=str(faults)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_for_file(faults / "paused", proc)
+    _wait_for_pause(faults, proc, uri, "rk")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    time.sleep(2)
+    # The crashed session's processes (its local Ray) carry DIP_FAULT_DIR: gone before `resume`.
+    wait_until(lambda: not marked_pids("DIP_FAULT_DIR", str(faults)), "the killed session's end", 60)
     r = cli("resume", "rk", "--root", str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     parent, children = check_study(uri, "rk", n=3, iterations=80)

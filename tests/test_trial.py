@@ -13,7 +13,8 @@ from study.engine.trial import Trial, TrialDiverged, resolve_device, run_trial
 from trialutil import run_keeping_checkpoint
 
 REPORT_KEYS = {"loss", "psnr", "ssim", "psnr_ema", "ssim_ema", "psnr_best", "best_iteration",
-               "iteration", "seconds", "seconds_per_iteration"}
+               "iteration", "seconds", "seconds_per_iteration",
+               "psnr_autostop", "ssim_autostop", "autostop_iteration", "autostop_fired"}
 TIMING_KEYS = {"seconds", "seconds_per_iteration"}
 
 

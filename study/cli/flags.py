@@ -9,9 +9,10 @@ import argparse
 import dataclasses
 import inspect
 import re
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Literal, get_args, get_origin, get_type_hints
 
 from study.config import METRICS, SCHEDULERS, StudyConfig, TrialConfig, load_config_file
+from study.paths import JsonObject
 
 STUDY_CHOICES = {"metric": tuple(METRICS), "scheduler": SCHEDULERS}
 
@@ -46,14 +47,14 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
                        help=f"[{f.default}]" + (f" one of: {', '.join(choices)}" if choices else ""))
 
 
-def config_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+def config_overrides(ns: argparse.Namespace) -> JsonObject:
     names = {f.name for f in dataclasses.fields(TrialConfig)}
     return {k: v for k, v in vars(ns).items() if k in names and v is not None}
 
 
-def build_config(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> TrialConfig:
+def build_config(ns: argparse.Namespace, base: JsonObject | None = None) -> TrialConfig:
     """Defaults <- --config FILE <- base <- typed flags. Raises ValueError on bad input."""
-    d: dict[str, Any] = {}
+    d: JsonObject = {}
     if getattr(ns, "config", None):
         d.update(load_config_file(ns.config))
     d.update(base or {})
@@ -72,7 +73,8 @@ STUDY_DEFAULT_TEXT = {"name": "demo-TIMESTAMP", "root": "./studies, made absolut
                       "grace_period": "iterations/4", "tracking_uri": "sqlite:///ROOT/mlflow.db",
                       "storage": "ROOT/NAME/ray", "address": "local Ray",
                       "gpus_per_trial": "auto", "max_concurrent": "as many as fit",
-                      "checkpoint_every": "about 10 per trial", "space_file": "the default space"}
+                      "checkpoint_every": "about 10 per trial", "space_file": "the default space",
+                      "warm_start": "none"}
 
 
 def _field_comments(cls: type) -> dict[str, str]:
@@ -97,6 +99,9 @@ def add_study_flags(p: argparse.ArgumentParser) -> None:
             text += " one of: " + ", ".join(STUDY_CHOICES[f.name])
         if hints[f.name] is bool:
             g.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=text)
+        elif get_origin(hints[f.name]) is tuple:  # a list setting: the flag repeats
+            g.add_argument(flag, dest=dest, action="append", default=None, metavar="NAME",
+                           help=text.replace("%", "%%") + " (repeatable)")
         else:
             g.add_argument(flag, dest=dest, type=hints[f.name], default=None,
                            metavar=hints[f.name].__name__.upper(), help=text.replace("%", "%%"))
@@ -107,7 +112,7 @@ def study_dest(name: str) -> str:
     return STUDY_DESTS.get(name, name)
 
 
-def study_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+def study_overrides(ns: argparse.Namespace) -> JsonObject:
     """The study settings a user typed (the trial ones go through `build_config`)."""
     out = {}
     for f in dataclasses.fields(StudyConfig):

@@ -17,7 +17,7 @@ from study.cluster.runtime import PROJECT_ROOT
 from study.paths import command as command_line
 
 if TYPE_CHECKING:  # mlflow is slow to import: the views' module only for the type checker
-    from study.tracking.store import StudyView, TrialView
+    from study.tracking.store import StudyView, TrialSummary
 
 SUBMITTABLE = ("run", "resume", "extend")
 
@@ -189,21 +189,19 @@ def _tracking_uri(ns: argparse.Namespace, job: Job | None, name: str | None) -> 
     return read_study(root, name).current.resolved_tracking_uri
 
 
-def _best(view: StudyView) -> tuple[TrialView, float] | None:
+def _best(view: StudyView) -> tuple[TrialSummary, float] | None:
     from study.config import METRICS
     from study.export import pick_best
 
     metric = view.params.get("metric", "psnr_ema")
-    rows = [{"trial_id": t.trial, "status": t.status, "metrics": t.metrics, "completed": t.completed, "t": t}
-            for t in view.trials]
-    best = pick_best(rows, metric, METRICS.get(metric, "max"))
-    return (best["t"], best["metrics"][metric]) if best else None
+    best = pick_best(view.trials, metric, METRICS.get(metric, "max"))
+    return (best, best.metrics[metric]) if best else None
 
 
-def _searched(view: StudyView, trial: TrialView) -> str:
+def _searched(view: StudyView, trial: TrialSummary) -> str:
     """The trial's values of the searched parameters (timestep only where the mode uses it)."""
     from study.tracking import store as tracking
-    from study.config import mode_uses
+    from study.modes import mode_uses
 
     try:
         keys = list(tracking.load_run_dict(view.tracking_uri, view.parent_run_id, "search_space.json"))
@@ -221,7 +219,7 @@ def _short_number(v: str) -> str:
         return v
 
 
-def _busy(trials: tuple[TrialView, ...], now: float) -> float:
+def _busy(trials: tuple[TrialSummary, ...], now: float) -> float:
     """Seconds during which at least one trial ran: the study's time, without the gaps
     between a stop and its resume or between `extend`s."""
     spans = sorted((t.start, t.end or now) for t in trials if t.start)

@@ -13,12 +13,12 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from study.cli.flags import study_dest
 from study.config import TrialConfig, load_config_file
+from study.paths import Json, JsonObject
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "presets"
 PRESET_KEYS = ("description", "study", "trial", "space", "profiles")
@@ -34,10 +34,10 @@ class Preset:
     name: str
     path: Path
     description: str
-    study: dict[str, Any]
-    trial: dict[str, Any]
+    study: JsonObject              # StudyConfig settings (STUDY_KEYS)
+    trial: JsonObject              # TrialConfig fields
     space: Path | None
-    profiles: dict[str, dict[str, Any]]
+    profiles: dict[str, JsonObject]  # per profile (PROFILES): TrialConfig fields over `trial`
 
 
 def list_presets() -> list[str]:
@@ -56,7 +56,7 @@ def find_preset(spec: str) -> Path:
     return q
 
 
-def _mapping(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+def _mapping(data: JsonObject, key: str, path: Path) -> JsonObject:
     v = data.get(key) or {}
     if not isinstance(v, dict):
         raise ValueError(f"preset {str(path)!r}: `{key}` must be a mapping, got {v!r}")
@@ -94,7 +94,7 @@ def load_preset(spec: str) -> Preset:
                   {k: dict(v or {}) for k, v in profiles.items()})
 
 
-def _check_trial_keys(d: Any, path: Path) -> None:
+def _check_trial_keys(d: Json, path: Path) -> None:
     if not isinstance(d, dict):
         raise ValueError(f"preset {str(path)!r}: a trial section must be a mapping, got {d!r}")
     names = {f.name for f in dataclasses.fields(TrialConfig)}
@@ -108,7 +108,7 @@ def choose_profile(preset: Preset, gpus_per_trial: float | None) -> str:
     return "gpu" if gpus_per_trial is not None and gpus_per_trial > 0 else "cpu"
 
 
-def preset_values(preset: Preset, profile: str) -> dict[str, Any]:
+def preset_values(preset: Preset, profile: str) -> JsonObject:
     """The run-parser attributes the preset sets."""
     trial = {**preset.trial, **preset.profiles.get(profile, {})}
     values = {study_dest(k): v for k, v in {**trial, **preset.study}.items()}

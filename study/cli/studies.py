@@ -63,6 +63,9 @@ def cmd_ui(ns: argparse.Namespace) -> int:
         return user_error(e)
     print(f"MLflow UI at http://{ns.host}:{ns.port}  (Ctrl-C stops it)", flush=True)
     print("\n".join(["each study's trial runs, best first:", *study_links(root(ns), ns.host, ns.port)]), flush=True)
+    # MLflow 3's server also starts a job runner and task consumers (8 processes more) for
+    # features a study never uses: off, the UI answers in about half the time.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(cmd[0], cmd)
 
 

@@ -22,9 +22,15 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Callable, ParamSpec, TextIO, TypeVar
 
 from study.cluster.runtime import PROJECT_ROOT, RUNTIME_EXCLUDES
+
+if TYPE_CHECKING:  # ray is imported when a Cluster is made, not by the CLI's other commands
+    from ray.job_submission import JobDetails
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 STUDY_KEY, ROOT_KEY, URI_KEY, COMMAND_KEY = "dip.study", "dip.root", "dip.tracking_uri", "dip.command"
 STOP_WAIT_KEY = "dip.stop_wait"
@@ -55,7 +61,7 @@ class Job:
         return self.status in TERMINAL
 
 
-def _job(d: Any) -> Job:
+def _job(d: JobDetails) -> Job:
     meta = d.metadata or {}
     return Job(id=d.submission_id or d.job_id or "", study=meta.get(STUDY_KEY, ""),
                status=str(getattr(d.status, "value", d.status)), message=d.message or "",
@@ -100,7 +106,7 @@ class Cluster:
         except (ConnectionError, RuntimeError, OSError) as e:
             raise ValueError(f"cannot reach the Ray job server at {self.url}: {str(e).splitlines()[0]}") from None
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """A job-server call; what it refuses or cannot reach becomes one sentence."""
         try:
             return fn(*args, **kwargs)
@@ -139,7 +145,7 @@ class Cluster:
     def logs(self, job_id: str) -> str:
         return self._call(self.client.get_job_logs, job_id)
 
-    def follow(self, job_id: str, out: Any) -> None:
+    def follow(self, job_id: str, out: TextIO) -> None:
         """Print the job's log as it grows, until the job ends."""
         async def tail() -> None:
             async for chunk in self.client.tail_job_logs(job_id):

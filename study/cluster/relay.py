@@ -6,11 +6,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import ray
+from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from study.paths import JsonObject
+from study.tracking.records import DeliveryStatus
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -26,10 +30,10 @@ class Relay:
 
         self.courier = Courier(Spool(folder, max_bytes), tracking_uri).start()
 
-    def put(self, records: list[dict[str, Any]]) -> None:
+    def put(self, records: list[JsonObject]) -> None:
         self.courier.put(records)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DeliveryStatus:
         return self.courier.status()
 
 
@@ -37,7 +41,7 @@ def relay_name(study: str) -> str:
     return f"dip-relay-{study}"
 
 
-_RELAYS: dict[str, Any] = {}  # the driver holds its relay's handle: Ray ends an actor without one
+_RELAYS: dict[str, ActorHandle] = {}  # the driver holds its relay's handle: Ray ends an actor without one
 
 
 def start_relay(study: str, folder: Path, tracking_uri: str) -> None:
@@ -57,12 +61,12 @@ class RelaySender:
 
     def __init__(self, name: str):
         self.relay = ray.get_actor(name)
-        self.inflight: list[tuple[Any, list[dict[str, Any]]]] = []
+        self.inflight: list[tuple[ray.ObjectRef, list[JsonObject]]] = []
 
-    def __call__(self, records: list[dict[str, Any]]) -> None:
+    def __call__(self, records: list[JsonObject]) -> None:
         self.inflight.append((self.relay.put.remote(records), records))
 
-    def settle(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+    def settle(self, timeout: float = 10.0) -> list[JsonObject]:
         if self.inflight:
             ready, _ = ray.wait([r for r, _ in self.inflight], num_returns=len(self.inflight),
                                 timeout=timeout)
@@ -85,23 +89,23 @@ class RelaySender:
             pass
 
 
-def drain(study: str, say: Callable[[str], None], poll: float = 2.0) -> dict[str, Any]:
+def drain(study: str, say: Callable[[str], None], poll: float = 2.0) -> DeliveryStatus:
     """Wait until the relay has delivered everything (the server may be away for long);
     returns the relay's status. KeyboardInterrupt leaves the rest in the spool."""
     relay = _RELAYS.get(study) or ray.get_actor(relay_name(study))
     said = False
     while True:
-        st = ray.get(relay.status.remote())
-        if st["pending_batches"] == 0:
+        st: DeliveryStatus = ray.get(relay.status.remote())
+        if st.pending_batches == 0:
             return st
-        if not said and st["down_since"] is not None:
-            say(f"waiting for the MLflow server to take {st['pending_batches']} batches of records "
-                f"(Ctrl-C leaves them in {st['folder']} for `resume`)")
+        if not said and st.down_since is not None:
+            say(f"waiting for the MLflow server to take {st.pending_batches} batches of records "
+                f"(Ctrl-C leaves them in {st.folder} for `resume`)")
             said = True
         time.sleep(poll)
 
 
-def send(study: str, records: list[dict[str, Any]]) -> None:
+def send(study: str, records: list[JsonObject]) -> None:
     """Driver side: hand records to the relay and wait until they are on disk."""
     if records:
         ray.get((_RELAYS.get(study) or ray.get_actor(relay_name(study))).put.remote(records))

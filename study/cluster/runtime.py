@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Any
+from types import FrameType
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Shipped to every worker as the job's working_dir (so a real cluster runs this code).
@@ -20,7 +20,7 @@ def sigterm_as_sigint() -> None:
     moment (Tune's graceful stop during `fit`, KeyboardInterrupt before it). Called, not
     re-raised as SIGINT: a Ray job's driver has SIGINT blocked. Install it after
     `ray.init`, which sets its own SIGTERM handler (it logs and ends the process)."""
-    def on_sigterm(signum: int, frame: Any) -> None:
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler):
             handler(signal.SIGINT, frame)
@@ -62,7 +62,8 @@ def connect(address: str) -> None:
     # Tune warns at every forced state snapshot (num_to_keep with frequent checkpoints of
     # small trials); the snapshots are wanted: they keep a killed driver's state recent.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    runtime_env: dict[str, Any] | None = {"working_dir": str(PROJECT_ROOT), "excludes": RUNTIME_EXCLUDES}
+    runtime_env: dict[str, str | list[str] | dict[str, str]] | None = {
+        "working_dir": str(PROJECT_ROOT), "excludes": RUNTIME_EXCLUDES}
     # The test side's fault hook (see `_test_hook`) reaches trials on every node, not only
     # on nodes started from the driver's environment. Unset in use.
     hooks = {k: v for k, v in os.environ.items() if k.startswith(("DIP_TEST_", "DIP_FAULT_"))}

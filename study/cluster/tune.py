@@ -1,38 +1,30 @@
-"""The trainable, the Tuner with OptunaSearch and an early-stopping scheduler, retries of
-trials whose node died, and the callback that ends each trial's MLflow run. The cluster
-connection is runtime.py's, the relay that carries MLflow writes relay.py's."""
+"""The Tuner with OptunaSearch and an early-stopping scheduler, retries of trials whose
+node died, and the callback that ends each trial's MLflow run: the driver's side. The
+trainable (the worker's side) is trainable.py's, the cluster connection runtime.py's,
+the relay that carries MLflow writes relay.py's."""
 from __future__ import annotations
 
-import importlib
 import json
-import logging
-import math
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import ray
-import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.experiment import Trial as TuneTrial
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from study.engine import images as img
-from study.config import StudyConfig, TrialConfig, trial_run_name
+from study.cluster.relay import send
+from study.cluster.trainable import ERROR_KEY, StudyContext, dip_trainable
+from study.config import StudyConfig
+from study.paths import JsonObject, write_json
 from study.results import FitSummary
-from study.cluster.relay import RelaySender, send
-from study.paths import write_json
-from study.tracking.records import TrialLogger, end_record, run_create_info, tags_record
-from study.engine.trial import Trial, run_trial
+from study.tracking.records import end_record, run_create_info, tags_record
 
 if TYPE_CHECKING:
     from study.space import SearchSpace
 
-CKPT_FILE = "trial.pt"
-ERROR_KEY = "dip_error"  # in a trial's last result: why it failed (it is not retried)
 # Default GPU share of a trial on a GPU cluster: two trials per GPU, so one trial's
 # host-side work (evaluation, SSIM, images, checkpoints) overlaps the other's packed steps.
 # Not more: issue 7 measured 4 processes on one H200 at 512 px slower in sum (55 it/s)
@@ -54,150 +46,11 @@ def gpus_per_trial(s: StudyConfig) -> float:
     return g
 
 
-@dataclass(frozen=True)
-class StudyContext:
-    """What every trial needs besides its sampled parameters (passed with with_parameters:
-    OptunaSearch with a define-by-run space refuses a non-empty param_space)."""
-
-    study: str
-    base: dict[str, Any]         # TrialConfig.to_dict() of the study's base config
-    experiment_id: str
-    parent_run_id: str
-    relay: str                   # name of the study's Relay actor (MLflow writes go through it)
-    metric: str                  # the study's objective (a failed trial reports it as NaN)
-    image_every: int
-    checkpoint_every: int        # reports between checkpoints (resolved, >= 1)
-    threads: int
-
-
-# --- the trainable ---
-
-def _load_state() -> dict[str, Any] | None:
-    ckpt = tune.get_checkpoint()
-    if ckpt is None:
-        return None
-    ckpt = _newest_checkpoint(ckpt)
-    with ckpt.as_directory() as d:
-        # weights_only: a checkpoint is tensors, numbers and strings; whoever can write the
-        # storage must not be able to run code on the workers by unpickling.
-        return torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=True)
-
-
-def _newest_checkpoint(ckpt: tune.Checkpoint) -> tune.Checkpoint:
-    """After a killed driver, Tune's saved experiment state lags the trials: the checkpoint
-    it names may have been rotated away (num_to_keep) for newer ones. Then take the newest
-    checkpoint of the trial still in the storage: it is later, never earlier."""
-    import pyarrow.fs as pafs
-
-    fs = ckpt.filesystem
-    if fs.get_file_info(ckpt.path).type != pafs.FileType.NotFound:
-        return ckpt
-    parent = ckpt.path.rstrip("/").rsplit("/", 1)[0]
-    found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(parent))
-                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    if not found:
-        raise FileNotFoundError(f"no checkpoint left under {parent}")
-    return tune.Checkpoint(found[-1], filesystem=fs)
-
-
-def _log_images(log: TrialLogger, trial: Trial, step: int, final: bool) -> None:
-    for name, image, at in trial.report_images(setup=step == 0, final=final):
-        log.log_image(name, img.to_hwc(image), at)
-
-
-def _test_hook() -> Callable[[str, Trial], None]:
-    """Faults for the study tests, injected from the test side: DIP_TEST_HOOK=module:function
-    is called at each report ("report"; "reported" once its records are with the relay) and
-    when training ends ("end"). Unset in use."""
-    spec = os.environ.get("DIP_TEST_HOOK", "")
-    if not spec:
-        return lambda event, trial: None
-    module, _, fn = spec.partition(":")
-    return getattr(importlib.import_module(module), fn)
-
-
-def _checkpoint_due(cfg: TrialConfig, iteration: int, every: int) -> bool:
-    return iteration >= cfg.iterations or (iteration // cfg.report_every) % every == 0
-
-
-def _save(trial: Trial, undelivered: list[dict[str, Any]], d: str) -> tune.Checkpoint:
-    torch.save({**trial.state_dict(), "undelivered": undelivered}, Path(d) / CKPT_FILE)
-    return tune.Checkpoint.from_directory(d)
-
-
-def dip_trainable(config: dict[str, Any], ctx: StudyContext) -> None:
-    cfg = TrialConfig.from_dict({**ctx.base, **config})
-    torch.set_num_threads(ctx.threads)
-    # One "Checkpoint successfully created" line per report drowns the progress table.
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    tctx, sender = tune.get_context(), RelaySender(ctx.relay)
-    # The run is named for what the trial tries (`ddpm_resample t=120 lr=3.2e-03`), so the
-    # runs table and chart legends read without opening runs; Tune's name goes in a tag.
-    name = trial_run_name(cfg, list(config))
-    log = TrialLogger(sender, run_create_info(ctx.experiment_id, ctx.parent_run_id, ctx.study,
-                                              tctx.get_trial_id(), name, cfg.used_dict()))
-    log.set_tags({"dip.trial_name": tctx.get_trial_name()})
-    last: dict[str, float] = {}
-    try:
-        _train(cfg, ctx, log, sender, last)
-    except Exception as e:
-        _fail(log, sender, ctx, last, f"{type(e).__name__}: {e}")
-        raise
-    sender.wait_all()
-
-
-def _train(cfg: TrialConfig, ctx: StudyContext, log: TrialLogger, sender: RelaySender,
-           last: dict[str, float]) -> None:
-    hook, trial, state = _test_hook(), Trial(cfg), _load_state()
-    if state is not None and state.get("undelivered"):
-        sender(state.pop("undelivered"))  # what the lost attempt had not handed over
-    log.set_tags({"dip.node_id": ray.get_runtime_context().get_node_id(),
-                  "dip.device": str(trial.device), "dip.resumed_from": state["iteration"] if state else 0})
-    if state is None:
-        log.log_dict(cfg.to_dict(), "config.json")
-        log.log_metrics({**trial.observation_metrics(), "iteration": 0}, 0)
-        _log_images(log, trial, 0, final=False)
-    log.flush()
-
-    def report(m: dict[str, float], t: Trial) -> None:
-        last.update(m)
-        hook("report", t)
-        log.log_metrics(m, t.iteration)
-        final = t.iteration == cfg.iterations
-        first = t.iteration <= cfg.report_every  # so even a trial stopped at once shows one
-        if first or final or t.iteration % ctx.image_every < cfg.report_every:
-            _log_images(log, t, t.iteration, final=final)
-        if final:  # before tune.report: a scheduler may stop the trial at max_t right after it
-            log.log_dict(t.result(m), "result.json")
-            log.set_tags({"dip.completed": "true"})
-        log.flush()
-        undelivered = sender.settle()
-        hook("reported", t)
-        if not _checkpoint_due(cfg, t.iteration, ctx.checkpoint_every):
-            tune.report(m)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            tune.report(m, checkpoint=_save(t, undelivered, d))
-
-    run_trial(cfg, report, state=state, trial=trial)
-    hook("end", trial)
-
-
-def _fail(log: TrialLogger, sender: RelaySender, ctx: StudyContext, last: dict[str, float],
-          reason: str) -> None:
-    """A trial that raises (a bug, a diverged loss) would fail again on any node: it is not
-    retried. Its run records why; the result below makes `StopOnError` end the trial."""
-    log.end("FAILED", reason)
-    log.flush()
-    sender.wait_all()
-    tune.report({ctx.metric: math.nan, "iteration": last.get("iteration", 0.0), ERROR_KEY: reason})
-
-
 class StopOnError(tune.Stopper):
     """Ends a trial that reported an error (see `_fail`) as a stopped trial, so Tune does not
     retry it as it retries a trial whose node or worker died."""
 
-    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+    def __call__(self, trial_id: str, result: dict[str, object]) -> bool:
         return bool(result.get(ERROR_KEY))
 
     def stop_all(self) -> bool:
@@ -216,7 +69,7 @@ class EndRunsCallback(tune.Callback):
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
         self.retried_from: dict[str, list[int]] = {}
 
-    def _send(self, trial: Any, records: list[dict[str, Any]]) -> None:
+    def _send(self, trial: TuneTrial, records: list[JsonObject]) -> None:
         """A trial that failed before its first record still gets its run (and the reason)."""
         create = run_create_info(self.experiment_id, self.parent_run_id, self.study, trial.trial_id,
                                  str(trial), trial.config)
@@ -226,19 +79,19 @@ class EndRunsCallback(tune.Callback):
         except Exception as e:  # noqa: BLE001 - a callback that raises ends the whole study
             print(f"could not hand {len(records)} MLflow records to the relay: {e}", flush=True)
 
-    def _mark(self, trial: Any, status: str) -> None:
+    def _mark(self, trial: TuneTrial, status: str) -> None:
         seen = read_trials(self.ended_file)
         seen[trial.trial_id] = status
         write_json(Path(self.ended_file), seen)
 
-    def _ended(self, trial: Any, status: str, reason: str) -> None:
+    def _ended(self, trial: TuneTrial, status: str, reason: str) -> None:
         self._send(trial, [end_record(status, reason, trial=trial.trial_id, if_open=True)])
         self._mark(trial, status)
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_start(self, iteration: int, trials: list, trial: TuneTrial, **info: object) -> None:
         self._mark(trial, "RUNNING")
 
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_recover(self, iteration: int, trials: list, trial: TuneTrial, **info: object) -> None:
         ckpt = trial.latest_checkpoint_result
         at = int(ckpt.metrics.get("iteration", 0)) if ckpt is not None else 0
         self.retried_from.setdefault(trial.trial_id, []).append(at)
@@ -248,16 +101,19 @@ class EndRunsCallback(tune.Callback):
         self._send(trial, [tags_record({"dip.retries": n, "dip.retried_from": ",".join(
             map(str, self.retried_from[trial.trial_id]))}, trial=trial.trial_id)])
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_complete(self, iteration: int, trials: list, trial: TuneTrial, **info: object) -> None:
         error = trial.last_result.get(ERROR_KEY)
         if error:
             self._ended(trial, "FAILED", str(error))
             return
         it = int(trial.last_result.get("iteration", 0))
-        self._ended(trial, "FINISHED", "completed" if it >= self.iterations
-                    else f"stopped early by {self.scheduler} at iteration {it}")
+        if it >= self.iterations or trial.last_result.get("autostop_ended"):
+            why = "completed" if it >= self.iterations else f"completed: ES-WMV stopped it at iteration {it}"
+        else:
+            why = f"stopped early by {self.scheduler} at iteration {it}"
+        self._ended(trial, "FINISHED", why)
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_error(self, iteration: int, trials: list, trial: TuneTrial, **info: object) -> None:
         n = len(self.retried_from.get(trial.trial_id, []))
         after = f" (after {n} retries)" if n else ""
         self._ended(trial, "FAILED", _error_text(trial) + after)
@@ -272,7 +128,7 @@ def read_trials(path: str) -> dict[str, str]:
         return {}
 
 
-def _error_text(trial: Any) -> str:
+def _error_text(trial: TuneTrial) -> str:
     try:
         lines = Path(trial.error_file).read_text().strip().splitlines()
         return lines[-1] if lines else "the trial failed"
@@ -280,7 +136,7 @@ def _error_text(trial: Any) -> str:
         return "the trial failed (its worker died)"
 
 
-def _scheduler(s: StudyConfig) -> Any:
+def _scheduler(s: StudyConfig) -> TrialScheduler:
     if s.scheduler == "fifo":
         return FIFOScheduler()
     if s.scheduler == "median":
@@ -290,7 +146,7 @@ def _scheduler(s: StudyConfig) -> Any:
                          reduction_factor=s.reduction_factor)
 
 
-def _trainable(s: StudyConfig, ctx: StudyContext, gpus: float) -> Any:
+def _trainable(s: StudyConfig, ctx: StudyContext, gpus: float) -> Callable[..., None]:
     resources = {"cpu": s.cpus_per_trial, "gpu": gpus}
     return tune.with_resources(tune.with_parameters(dip_trainable, ctx=ctx), resources)
 
@@ -300,7 +156,7 @@ class ResumableOptunaSearch(OptunaSearch):
     at once): a trial the state calls running may be finished there already, and its
     replayed results are no news to Optuna, which refuses them."""
 
-    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+    def on_trial_result(self, trial_id: str, result: dict[str, object]) -> None:
         try:
             super().on_trial_result(trial_id, result)
         except Exception as e:
@@ -316,21 +172,30 @@ class TrialName:
     def __init__(self, first: int = 0):
         self.first = first
 
-    def __call__(self, trial: Any) -> str:
+    def __call__(self, trial: TuneTrial) -> str:
         count = str(trial.experiment_tag).split("_", 1)[0]
         return f"trial_{self.first + int(count) - 1:04d}" if count.isdigit() else str(trial.trial_id)
+
+
+def make_searcher(s: StudyConfig, space: SearchSpace) -> Searcher:
+    """OptunaSearch on the study's Optuna record (`extend` conditions on every earlier
+    trial), opening with one trial per input mode the record has not tried yet (Optuna's
+    enqueue_trial with the mode alone: the sampler fills the rest). `resume` does not come
+    here: Tune unpickles its searcher, and trials queued but not yet asked wait in the record."""
+    from study.space import OPTUNA_DB, make_sampler, make_storage, tried_modes
+
+    points = space.mode_points(s.num_samples, tried_modes(s.study_dir, s.name))
+    search = ResumableOptunaSearch(space=space, metric=s.metric, mode=s.mode, sampler=make_sampler(s.seed),
+                                   storage=make_storage(s.study_dir / OPTUNA_DB), study_name=s.name,
+                                   points_to_evaluate=points or None)
+    return ConcurrencyLimiter(search, max_concurrent=s.max_concurrent) if s.max_concurrent else search
 
 
 def build_tuner(s: StudyConfig, space: SearchSpace, ctx: StudyContext, gpus: float,
                 first_trial: int = 0) -> tune.Tuner:
     """`gpus`: per trial, as `gpus_per_trial` resolved it; `first_trial`: the number of the
     first trial (earlier ones belong to the study `extend` adds to)."""
-    from study.space import OPTUNA_DB, make_sampler, make_storage
-
-    search = ResumableOptunaSearch(space=space, metric=s.metric, mode=s.mode, sampler=make_sampler(s.seed),
-                          storage=make_storage(s.study_dir / OPTUNA_DB), study_name=s.name)
-    if s.max_concurrent:
-        search = ConcurrencyLimiter(search, max_concurrent=s.max_concurrent)
+    search = make_searcher(s, space)
     return tune.Tuner(
         _trainable(s, ctx, gpus),
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search,

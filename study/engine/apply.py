@@ -11,14 +11,16 @@ weights sum to one over the outputs seen so far) at the last iteration, or with
 reaches its minimum and has not improved for `patience` iterations (Wang et al., "Early
 Stopping for Deep Image Prior", TMLR 2023; docs/science.md).
 
-The loop is written against the stable pieces (models/, noise/); sharing one loop with
-study/engine/trial.py is a follow-up once its packed rewrite settles.
+It trains through the trial loop (study/engine/trial.py, a Trial of one network built
+from the user's image), so the seeding, input, loss, EMA and ES-WMV are the study's own;
+with `--stop auto` the loop ends at the first report after the rule fired (the restored
+image is the one it picked, which no later iteration changes).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models import build_network
-from noise.inputs import make_input
-from noise.schedules import alphas_cumprod, make_betas
+from models.step import StepOptions
 from study.config import TrialConfig
-from study.engine.images import downsample, upsample
+from study.engine import images as img
+from study.engine.images import Degraded, upsample
+from study.engine.pack import network_for
+from study.engine.trial import Trial, TrialDiverged, resolve_device, run_trial
 from study.paths import write_json
-from study.engine.trial import resolve_device
 
 APPLY_TASKS = ("denoise", "inpaint", "sr")
 OUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -45,9 +47,9 @@ class ApplyOptions:
     task: str = "denoise"         # what the image is: denoise, inpaint (with mask) or sr
     mask: str | None = None       # inpaint: image of the same size, nonzero = known pixel
     sr_factor: int = 4            # sr: the output is this many times larger
-    stop: str = "config"          # config: cfg.iterations; auto: ES-WMV
-    window: int = 100             # ES-WMV window (paper: 100)
-    patience: int = 1000          # ES-WMV patience (paper: 1000)
+    stop: str = "config"          # config: as the config says (its stop, iterations); auto: ES-WMV
+    window: int | None = None     # ES-WMV window [the config's; paper: 100]
+    patience: int | None = None   # ES-WMV patience [the config's; paper: 1000]
     max_iterations: int = 10000   # --stop auto: upper bound
     quiet: bool = False
 
@@ -60,42 +62,18 @@ class ApplyOptions:
             raise ValueError("--mask goes with --task inpaint, and --task inpaint needs --mask MASK.png")
         for name in ("sr_factor", "window", "patience", "max_iterations"):
             v, lo = getattr(self, name), 2 if name == "sr_factor" else 1
+            if v is None and name in ("window", "patience"):
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"--{name.replace('_', '-')} = {v!r} is not allowed; allowed: an integer >= {lo}")
 
 
-@dataclass
-class Picture:
-    """The user's image: pixels in [0, 1] and what it takes to write it back alike."""
-
-    x: torch.Tensor               # (1, C, H, W) float32, C = 1 or 3
-    mode: str                     # PIL mode to write: L, RGB, RGBA, LA or I;16
-    alpha: np.ndarray | None      # the alpha channel (H x W, uint8), put back unchanged
+Picture = img.Pixels  # a user's image: pixels, the mode to write back, its alpha
 
 
 def read_picture(path: str | Path) -> Picture:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode, bands = im.mode, im.getbands()
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im).astype(np.float32) / 65535.0
-                return Picture(_tensor(a), "I;16", None)
-            if mode == "P":  # a palette image comes back as RGB(A)
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-                mode, bands = im.mode, im.getbands()
-            alpha = np.asarray(im.getchannel("A")) if "A" in bands else None
-            gray = mode in ("1", "L", "LA")
-            a = np.asarray(im.convert("L" if gray else "RGB")).astype(np.float32) / 255.0
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
-    out_mode = ("LA" if alpha is not None else "L") if gray else ("RGBA" if alpha is not None else "RGB")
-    return Picture(_tensor(a), out_mode, alpha)
-
-
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    a = a[:, :, None] if a.ndim == 2 else a
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].clamp(0, 1)
+    """The user's image (images.py `read_file`; `.x` is its (1, C, H, W) tensor)."""
+    return img.read_file(path)
 
 
 def write_picture(x: torch.Tensor, pic: Picture, path: Path) -> None:
@@ -143,41 +121,6 @@ def pad(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph), mode=mode) if ph or pw else x
 
 
-class WindowVariance:
-    """ES-WMV: the mean squared deviation of the last `window` outputs from their mean,
-    kept with running sums (float64) so each iteration costs one image's worth of work."""
-
-    def __init__(self, window: int):
-        self.window, self.items = window, deque()
-        self.s1: torch.Tensor | None = None
-        self.s2 = 0.0
-
-    def add(self, x: torch.Tensor) -> float | None:
-        x = x.detach().double()
-        self.items.append(x)
-        self.s1 = x.clone() if self.s1 is None else self.s1 + x
-        self.s2 += float((x * x).sum())
-        if len(self.items) > self.window:
-            old = self.items.popleft()
-            self.s1 -= old
-            self.s2 -= float((old * old).sum())
-        if len(self.items) < self.window:
-            return None
-        n = self.window
-        return max(0.0, (self.s2 / n - float((self.s1 / n).pow(2).sum())) / x.numel())
-
-
-WMV_PIXELS = 65536  # ES-WMV keeps `window` outputs: of a large image, block means of it
-
-
-def _thumbnail(x: torch.Tensor) -> torch.Tensor:
-    """`x` as block means with at most about WMV_PIXELS pixels, so the window of outputs
-    stays small for a photo of many megapixels (variance of block means tracks the same
-    drift of the output; small images are used as they are)."""
-    k = math.ceil(math.sqrt(x.shape[-2] * x.shape[-1] / WMV_PIXELS))
-    return x if k <= 1 else F.avg_pool2d(x, k, ceil_mode=True)
-
-
 @dataclass
 class Problem:
     """What the network fits: the padded observation and the loss weights."""
@@ -206,61 +149,51 @@ Progress = Callable[[str], None]
 
 def fit(cfg: TrialConfig, prob: Problem, opts: ApplyOptions, device: torch.device,
         progress: Progress) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Train one network on `prob`; returns the restored image (cropped) and the record."""
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    acp = alphas_cumprod(make_betas(cfg.schedule, cfg.num_timesteps))
-    obs, weight = prob.observation.to(device), prob.weight.to(device)
-    dip_input = make_input(cfg.noise_mode, prob.input_image.to(device), timestep=cfg.timestep,
-                           input_depth=cfg.input_depth, reg_noise_std=cfg.reg_noise_std,
-                           alphas_cumprod=acp, generator=gen)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        net = build_network(cfg.net, dip_input.channels, obs.shape[1], scales=cfg.scales,
-                            channels=cfg.channels, skip_channels=cfg.skip_channels,
-                            upsample=cfg.upsample).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    loss_fn = F.l1_loss if cfg.loss == "l1" else F.mse_loss
+    """Train one network on `prob` with the trial loop (study/engine/trial.py, the packed
+    Trial of one network); returns the restored image (cropped) and the record."""
+    auto = opts.stop == "auto" or (opts.stop == "config" and cfg.stop == "auto")
+    cfg = cfg.replace(stop="auto" if auto else "budget",
+                      window=opts.window or cfg.window, patience=opts.patience or cfg.patience,
+                      iterations=opts.max_iterations if opts.stop == "auto" else cfg.iterations)
+    # The loss is taken on the known pixels only: the observation and the output masked
+    # by `weight` (0 on padding and on missing pixels).
+    data = Degraded(None, prob.observation * prob.weight, prob.input_image, prob.weight,
+                    prob.factor).to(device)
+    # One network, not packed: a pack of one would compute as a pack of two so that its
+    # numbers match a study's repeats (study/engine/pack.py), which a user's own image
+    # does not need at twice the cost.
+    options = dataclasses.replace(StepOptions.auto(device), pack=False)
+    trial = Trial(cfg, options=options, networks=[network_for(cfg, data, "image", 0, cfg.seed, device)],
+                  crop=prob.out_size)
     h, w = prob.out_size
-    total = opts.max_iterations if opts.stop == "auto" else cfg.iterations
-    wmv = WindowVariance(opts.window) if opts.stop == "auto" else None
-    num, best = None, {"var": math.inf, "iteration": 0, "image": None}
-    t0, it, var = time.perf_counter(), 0, None
-    for it in range(1, total + 1):
-        out = net(dip_input.train_input(gen))
-        pred = downsample(out, prob.factor) if prob.factor > 1 else out
-        loss = loss_fn(pred * weight, obs * weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        x = out.detach()[..., :h, :w]
-        num = (1 - cfg.ema_weight) * x if num is None else cfg.ema_weight * num + (1 - cfg.ema_weight) * x
-        ema = num / (1 - cfg.ema_weight**it)  # bias-corrected: weights sum to one
-        if wmv is not None:
-            var = wmv.add(_thumbnail(x))
-            if var is not None and var < best["var"]:
-                best = {"var": var, "iteration": it, "image": ema.clone()}
-        if it % cfg.report_every == 0 or it == total:
-            lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise FloatingPointError(f"the loss became {lv} at iteration {it} (lr = {cfg.lr}); "
-                                         "try a smaller lr")
-            wtxt = f"  wmv {var:.3e} (min at {best['iteration']})" if wmv is not None and var is not None else ""
-            progress(f"it {it:>6}/{total}  loss {lv:.5f}{wtxt}  "
-                     f"{(time.perf_counter() - t0) / it:.3f} s/it")
-        if wmv is not None and best["image"] is not None and it - best["iteration"] >= opts.patience:
-            break
-    seconds = time.perf_counter() - t0
-    if wmv is not None and best["image"] is not None:
-        stopped = {"stop": "es-wmv", "stop_iteration": best["iteration"], "wmv": best["var"]}
-        restored = best["image"]
+    t0 = time.perf_counter()
+
+    def report(m: dict[str, float], t: Trial) -> None:
+        lv = m["loss"]
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"the loss became {lv} at iteration {t.iteration} (lr = {cfg.lr}); "
+                                     "try a smaller lr")
+        var = float(t.packs[0].autostop.var[0])
+        wtxt = f"  wmv {var:.3e} (min at {int(m['autostop_iteration'])})" if auto and math.isfinite(var) else ""
+        progress(f"it {t.iteration:>6}/{cfg.iterations}  loss {lv:.5f}{wtxt}  "
+                 f"{(time.perf_counter() - t0) / t.iteration:.3f} s/it")
+
+    try:
+        run_trial(cfg, report, trial=trial)
+    except TrialDiverged as e:
+        raise FloatingPointError(f"{e}; try a smaller lr") from None
+    seconds, it = time.perf_counter() - t0, trial.iteration
+    a = trial.packs[0].autostop
+    if auto and int(a.iteration[0]):
+        stopped = {"stop": "es-wmv", "stop_iteration": int(a.iteration[0]), "wmv": float(a.var[0]),
+                   "fired_at": int(a.fired_at[0])}
+        restored = trial.autostop_output(0)
     else:
-        why = "es-wmv found no minimum within --max-iterations" if wmv is not None else "config"
+        why = "es-wmv found no minimum within --max-iterations" if auto else "config"
         stopped = {"stop": why, "stop_iteration": it}
-        restored = ema
-    return restored.cpu(), {**stopped, "iterations_run": it, "seconds": round(seconds, 3),
-                            "seconds_per_iteration": seconds / max(it, 1)}
-
-
+        restored = trial.packs[0].ema[:1] / trial.ema_norm
+    return restored[..., :h, :w].cpu(), {**stopped, "iterations_run": it, "seconds": round(seconds, 3),
+                                         "seconds_per_iteration": seconds / max(it, 1)}
 
 
 def check_out(out: Path, pic: Picture) -> None:

@@ -34,22 +34,46 @@ def image_label(spec: str) -> str:
     return spec if spec in BUNDLED_IMAGES else Path(spec).stem
 
 
+@dataclass
+class Pixels:
+    """An image file's pixels and what it takes to write a result back alike."""
+
+    a: np.ndarray                 # H x W (gray) or H x W x 3, float32 in [0, 1]
+    mode: str                     # PIL mode to write: L, RGB, RGBA, LA or I;16
+    alpha: np.ndarray | None      # the alpha channel (H x W, uint8)
+
+    @property
+    def x(self) -> torch.Tensor:
+        """(1, C, H, W) float32 in [0, 1]."""
+        a = self.a[:, :, None] if self.a.ndim == 2 else self.a
+        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].clamp(0, 1)
+
+
+def read_file(path: str | Path) -> Pixels:
+    """A PNG/JPEG/TIFF file as gray or RGB in [0, 1], its alpha apart; 16-bit gray keeps
+    its 16 bits (convert("RGB") would clip every value above 255 to white)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode.startswith("I"):  # "I;16", "I;16B", "I;16L" or "I"
+                return Pixels(np.asarray(im).astype(np.float32) / 65535.0, "I;16", None)
+            if im.mode == "P":  # a palette image comes back as RGB(A)
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            alpha = np.asarray(im.getchannel("A")) if "A" in im.getbands() else None
+            gray = im.mode in ("1", "L", "LA")
+            a = np.asarray(im.convert("L" if gray else "RGB")).astype(np.float32) / 255.0
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
+    mode = ("LA" if alpha is not None else "L") if gray else ("RGBA" if alpha is not None else "RGB")
+    return Pixels(a, mode, alpha)
+
+
 def _read(spec: str) -> np.ndarray:
     if spec in BUNDLED_IMAGES:
         import skimage.data  # bundled with scikit-image: no download
 
         return np.asarray(getattr(skimage.data, spec)())
-    try:
-        with Image.open(spec) as im:
-            if im.mode.startswith("I"):
-                # 16-bit grayscale PNG ("I;16" or "I"): convert("RGB") would clip every
-                # value above 255 to white, so scale the 16 bits to [0, 1] here.
-                return np.asarray(im).astype(np.float32) / 65535.0
-            if im.mode not in ("L", "RGB", "RGBA"):
-                im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-            return np.asarray(im)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {spec!r}: {e}") from None
+    return read_file(spec).a
 
 
 def _to_unit(a: np.ndarray) -> torch.Tensor:
@@ -104,18 +128,20 @@ def preflight(cfg: TrialConfig) -> None:
 class Degraded:
     """What a task hands the method, and how an output is compared with it."""
 
-    clean: torch.Tensor         # ground truth, used only for metrics
+    clean: torch.Tensor | None  # ground truth, used only for metrics (None: a user's image in `apply`)
     observation: torch.Tensor   # what the loss compares against (low-res for sr)
     input_image: torch.Tensor   # the observation at output resolution: DDPM inputs start here
     mask: torch.Tensor | None   # inpaint: 1 where the pixel is known
     sr_factor: int = 1
 
     def forward_op(self, out: torch.Tensor) -> torch.Tensor:
-        """Map a network output to the observation's space (the loss is taken there)."""
+        """Map a network output to the observation's space (the loss is taken there):
+        downsampled for sr, and masked where a mask marks the known pixels (inpaint; in
+        `apply` also the padding)."""
         if self.sr_factor > 1:
-            return downsample(out, self.sr_factor)
+            out = downsample(out, self.sr_factor)
         if self.mask is not None:
-            return out * self.mask
+            out = out * self.mask
         return out
 
     def to(self, device: torch.device | str) -> "Degraded":

@@ -14,13 +14,15 @@ from dataclasses import dataclass
 import torch
 
 from models import build_network, pack_networks, set_reflect
-from models.packed import from_channels, to_channels
+from models.packed import from_channels, set_phantom, to_channels
 from models.step import StepOptions
 from noise.inputs import DipInput, make_input
 from noise.schedules import alphas_cumprod, make_betas
 from study.config import TrialConfig
 from study.engine import images as img
+from study.engine.autostop import AutoStop
 from study.engine.metrics import psnr_batch
+from study.engine.sure import sure_losses
 
 SEED_STRIDE = 7919  # seeds of image j in a trial of seed s: s + j * SEED_STRIDE + {0, 1, 2}
 # Metrics whose spread over repeats is reported as `<metric>_repeat_std`.
@@ -39,16 +41,23 @@ class Draw:
         self.signal = dip.alphas_cumprod.sqrt().to(dev)        # float64, as add_noise
         self.noise = (1.0 - dip.alphas_cumprod).sqrt().to(dev)
         self.t = torch.tensor([dip.timestep], device=dev)
+        # d(input)/d(observation) of the latest draw, for SURE (study/engine/sure.py): the
+        # DDPM input is sqrt(alpha_bar_t) * (2 y - 1) + ..., the others do not depend on y.
+        self.gain = torch.zeros(1, device=dev)
 
     def __call__(self, gen: torch.Generator) -> torch.Tensor:
         d = self.dip
         if d.mode not in ("ddpm_resample", "ddpm_random_t"):
+            if d.mode == "ddpm":
+                self.gain.copy_(2 * self.signal[self.t].float())
             return d.train_input(gen)  # no host sync on these paths
         t = self.t
         if d.mode == "ddpm_random_t":
             t = torch.randint(0, d.timestep + 1, (1,), generator=gen, device=d.z.device)
         eps = torch.randn(d.z.shape, generator=gen, device=d.z.device, dtype=torch.float32)
-        return self.signal[t].float() * d.x0 + self.noise[t].float() * eps
+        signal = self.signal[t].float()
+        self.gain.copy_(2 * signal)
+        return signal * d.x0 + self.noise[t].float() * eps
 
 
 @dataclass
@@ -64,6 +73,7 @@ class Network:
     gen: torch.Generator                 # training draws
     eval_gen: torch.Generator            # evaluation draws: reports never change training
     init_seed: int                       # network initialisation
+    probe_gen: torch.Generator           # SURE's probes (its own: the other draws stay as with mse)
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -77,6 +87,14 @@ def build_network_state(cfg: TrialConfig, spec: str, label: str, index: int, rep
     clean = img.load_image(spec, cfg.size, cfg.color)
     # The degradation is drawn on the CPU so an observation is the same on every device.
     data = img.degrade(clean, cfg, _generator(torch.device("cpu"), seed)).to(device)
+    return network_for(cfg, data, label, repeat, seed, device)
+
+
+def network_for(cfg: TrialConfig, data: img.Degraded, label: str, repeat: int, seed: int,
+                device: torch.device) -> Network:
+    """The network of observation `data` (on `device`) whose draws are seeded from `seed`:
+    a trial's, or `apply`'s on a user's image (seed = cfg.seed)."""
+    trial_seed = cfg.seed + repeat
     gen = _generator(device, seed + 1)
     acp = alphas_cumprod(make_betas(cfg.schedule, cfg.num_timesteps))
     # Built from the observation only (never `data.clean`): see noise/inputs.py.
@@ -85,7 +103,7 @@ def build_network_state(cfg: TrialConfig, spec: str, label: str, index: int, rep
         reg_noise_std=cfg.reg_noise_std, alphas_cumprod=acp, generator=gen,
     )
     return Network(label, repeat, trial_seed, data, dip_input, Draw(dip_input), gen,
-                   _generator(device, seed + 2), seed)
+                   _generator(device, seed + 2), seed, _generator(device, seed + 3))
 
 
 def unique_labels(specs: list[str]) -> list[str]:
@@ -112,10 +130,10 @@ class Pack:
     per-network loop state is stacked on the first axis of each tensor here."""
 
     def __init__(self, cfg: TrialConfig, networks: list[Network], index: list[int],
-                 device: torch.device, options: StepOptions):
+                 device: torch.device, options: StepOptions, crop: tuple[int, int] | None = None):
         self.networks, self.index, self.options = networks, index, options
         self.k = k = len(networks)
-        c_in, c_out = networks[0].dip_input.channels, networks[0].data.clean.shape[1]
+        c_in, c_out = networks[0].dip_input.channels, networks[0].data.observation.shape[1]
 
         def build(groups: int) -> torch.nn.Module:
             return build_network(cfg.net, c_in, c_out, scales=cfg.scales, channels=cfg.channels,
@@ -129,6 +147,10 @@ class Pack:
                 nets.append(build(1))
         self.net = pack_networks(nets, build).to(device)
         set_reflect(self.net, options.reflect)
+        # A pack of one computes as a pack of two (the second a detached copy, see
+        # set_phantom), so a network's numbers do not depend on how many share its pack.
+        # Not with pack=False: that is the plain separate networks, the reference.
+        set_phantom(self.net, k == 1 and options.pack)
         if options.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         d = [n.data for n in networks]
@@ -136,13 +158,16 @@ class Pack:
                                  _cat([x.input_image for x in d]), _cat([x.mask for x in d]),
                                  d[0].sr_factor)
         f64 = dict(device=device, dtype=torch.float64)
-        self.ema = torch.zeros_like(self.data.clean)     # un-normalised: see Trial.ema_norm
+        self.ema = torch.zeros_like(self.data.input_image)  # un-normalised: see Trial.ema_norm
         self.loss = torch.full((k,), math.nan, device=device)
         self.best_psnr = torch.full((k,), -math.inf, **f64)
         self.best_iteration = torch.zeros(k, dtype=torch.long, device=device)
         self.diverged_at = torch.zeros(k, dtype=torch.long, device=device)
         self.diverged_loss = torch.zeros(k, device=device)
         self.last_output: torch.Tensor | None = None      # from the latest evaluation
+        self.sigma = cfg.sigma
+        self.autostop = AutoStop(cfg.window, cfg.patience, self.ema.shape,
+                                 crop or tuple(self.ema.shape[-2:]), device)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """K inputs (K, C, H, W) -> K outputs (K, C_out, H, W), float32."""
@@ -153,8 +178,14 @@ class Pack:
 
     def losses(self, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One training forward: the outputs and each network's loss (K,)."""
-        out = self.forward(torch.cat([n.draw(n.gen) for n in self.networks]))
+        z = torch.cat([n.draw(n.gen) for n in self.networks])
+        out = self.forward(z)
         err = self.data.forward_op(out) - self.data.observation
+        if loss == "sure":
+            gain = torch.cat([n.draw.gain for n in self.networks])
+            probe = torch.cat([torch.randn(n.data.observation.shape, generator=n.probe_gen,
+                                           device=out.device) for n in self.networks])
+            return out, sure_losses(self.forward, z, gain, out, err, self.sigma, probe)
         per = err.abs() if loss == "l1" else err.square()
         return out, per.mean(dim=(1, 2, 3))
 
@@ -167,7 +198,11 @@ class Pack:
         self.diverged_loss.copy_(torch.where(new, loss, self.diverged_loss))
         self.loss.copy_(loss)
         self.ema.mul_(w).add_(out.detach(), alpha=1 - w)
-        p = psnr_batch(self.ema / ema_norm, self.data.clean)
+        ema = self.ema / ema_norm
+        self.autostop.track(out, ema, it)
+        if self.data.clean is None:  # `apply`: a user's image has no clean one
+            return
+        p = psnr_batch(ema, self.data.clean)
         better = p > self.best_psnr
         self.best_psnr.copy_(torch.where(better, p, self.best_psnr))
         self.best_iteration.copy_(torch.where(better, it, self.best_iteration))

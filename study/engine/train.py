@@ -16,6 +16,8 @@ def progress_line(m: dict[str, float], total: int) -> str:
     return (
         f"it {int(m['iteration']):>6}/{total}  loss {m['loss']:.5f}  psnr {m['psnr']:6.2f}  "
         f"ema {m['psnr_ema']:6.2f}  ssim_ema {m['ssim_ema']:.3f}  "
+        f"autostop {m['psnr_autostop']:6.2f}@{int(m['autostop_iteration'])}"
+        f"{'' if m['autostop_fired'] >= 1 else '?'}  "
         f"best(oracle) {m['psnr_best']:6.2f}@{int(m['best_iteration'])}  "
         f"{m['seconds_per_iteration']:.3f} s/it"
     )
@@ -52,6 +54,7 @@ def train(cfg: TrialConfig, out: Path, quiet: bool = False) -> dict[str, Any]:
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if not quiet:
         print(f"done: psnr {result['psnr']:.2f}, ema {result['psnr_ema']:.2f}, "
-              f"ssim {result['ssim']:.3f} (observation {result['psnr_observation']:.2f}); "
+              f"ssim {result['ssim']:.3f}, autostop {result['psnr_autostop']:.2f} at iteration "
+              f"{int(result['autostop_iteration'])} (observation {result['psnr_observation']:.2f}); "
               f"wrote {out}/result.json", file=sys.stdout, flush=True)
     return result

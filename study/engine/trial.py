@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Iterator
+from typing import Callable, ContextManager, Iterator, Union
 
 import torch
 
 from models.packed import pack_state_dicts, unpack_state_dict
 from models.step import StepOptions, Stepper
 from study.config import TrialConfig
+from study.paths import JsonObject
 from study.engine import images as img
 from study.engine.metrics import psnr_batch, ssim
-from study.engine.pack import Pack, aggregate, build_network_state, unique_labels
+from study.engine.pack import Network, Pack, aggregate, build_network_state, unique_labels
 
 Report = Callable[[dict[str, float], "Trial"], None]
+# A checkpoint: tensors, numbers, strings and lists and dicts of them (torch.load with
+# weights_only=True reads it back).
+State = dict[str, Union[torch.Tensor, float, int, str, list, dict, None]]
 
 
 class TrialDiverged(RuntimeError):
@@ -47,17 +51,24 @@ class Trial:
     """All networks of one configuration (images x repeats), stepped together."""
 
     def __init__(self, cfg: TrialConfig, specs: list[str] | None = None,
-                 options: StepOptions | None = None):
+                 options: StepOptions | None = None, networks: list[Network] | None = None,
+                 crop: tuple[int, int] | None = None):
+        """The networks of `cfg` (its images, or `specs`), or `networks` built by the
+        caller (`apply`: a user's image, no clean one); `crop` is the part of the output
+        ES-WMV watches (apply's native size inside its padding; default all of it)."""
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.options = options or StepOptions.auto(self.device)
         self.options.check(self.device)
-        specs = specs if specs is not None else img.expand_images(cfg.images)
-        labels = unique_labels(specs)
-        self.networks = [build_network_state(cfg, s, labels[j], j, r, self.device)
-                         for j, s in enumerate(specs) for r in range(cfg.repeats)]
-        self.packs = self._packs()
+        if networks is None:
+            specs = specs if specs is not None else img.expand_images(cfg.images)
+            labels = unique_labels(specs)
+            networks = [build_network_state(cfg, s, labels[j], j, r, self.device)
+                        for j, s in enumerate(specs) for r in range(cfg.repeats)]
+        self.networks = networks
+        self.packs = self._packs(crop)
         self.iteration = 0
+        self.ended = False  # set by run_trial at its last report (the budget, or ES-WMV with stop = auto)
         self.seconds = 0.0  # training time so far (excluding evaluation)
         self._t_mark: float | None = None
         self._it = torch.zeros((), dtype=torch.long, device=self.device)
@@ -71,19 +82,19 @@ class Trial:
         self.stepper = Stepper(self._step_body, self.optimizer, self.options,
                                [n.gen for n in self.networks])
 
-    def _packs(self) -> list[Pack]:
+    def _packs(self, crop: tuple[int, int] | None) -> list[Pack]:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, n in enumerate(self.networks):
-            key = (n.dip_input.channels, n.data.clean.shape[1]) if self.options.pack else (i,)
+            key = (n.dip_input.channels, n.data.observation.shape[1]) if self.options.pack else (i,)
             groups.setdefault(key, []).append(i)
-        return [Pack(self.cfg, [self.networks[i] for i in idx], idx, self.device, self.options)
+        return [Pack(self.cfg, [self.networks[i] for i in idx], idx, self.device, self.options, crop)
                 for idx in groups.values()]
 
     @property
     def image_labels(self) -> list[str]:
         return list(dict.fromkeys(n.label for n in self.networks))
 
-    def _autocast(self) -> Any:
+    def _autocast(self) -> ContextManager[None]:
         if not self.options.bf16:
             return nullcontext()
         # No cache: a CUDA graph must not capture casts cached from eager iterations.
@@ -126,20 +137,50 @@ class Trial:
                         f"loss became {loss} at iteration {at} on image {n.label!r}{rep} "
                         f"(lr = {self.cfg.lr}); the trial was stopped")
 
+    def _autostop_of(self, pack: Pack) -> list[dict[str, float]]:
+        """Where ES-WMV stops (or, until it fires, its candidate: the EMA at the lowest
+        window variance so far; before the window has filled, the current EMA)."""
+        a = pack.autostop
+        at, fired = a.iteration.tolist(), a.fired_at.tolist()
+        return [{"autostop_iteration": float(at[k] or self.iteration),
+                 "autostop_fired": float(fired[k] > 0)} for k in range(pack.k)]
+
     def _evaluate_pack(self, pack: Pack) -> list[dict[str, float]]:
+        auto = self._autostop_of(pack)
+        clean = pack.data.clean
+        if clean is None:  # `apply`: nothing to compare with
+            return [{"loss": v, **a} for v, a in zip(pack.loss.tolist(), auto, strict=True)]
         with self._autocast():
             pack.last_output = out = pack.eval_outputs(self.cfg.eval_draws)
         ema = pack.ema / self.ema_norm if self.iteration else out
-        clean = pack.data.clean
-        host = [t.cpu() for t in (out, ema, clean)]
-        p_out, p_ema = psnr_batch(out, clean).tolist(), psnr_batch(ema, clean).tolist()
+        stop = pack.autostop.output(ema)
+        host = [t.cpu() for t in (out, ema, stop, clean)]
+        p_out, p_ema, p_stop = (psnr_batch(x, clean).tolist() for x in (out, ema, stop))
         loss, best = pack.loss.tolist(), pack.best_psnr.tolist()
         best_it = pack.best_iteration.tolist()
+
+        def s(i: int, k: int) -> float:
+            return ssim(host[i][k:k + 1], host[3][k:k + 1])
+
         return [{
-            "loss": loss[k], "psnr": p_out[k], "ssim": ssim(host[0][k:k + 1], host[2][k:k + 1]),
-            "psnr_ema": p_ema[k], "ssim_ema": ssim(host[1][k:k + 1], host[2][k:k + 1]),
+            "loss": loss[k], "psnr": p_out[k], "ssim": s(0, k),
+            "psnr_ema": p_ema[k], "ssim_ema": s(1, k),
+            "psnr_autostop": p_stop[k], "ssim_autostop": s(2, k), **auto[k],
             "psnr_best": best[k], "best_iteration": float(best_it[k]),
         } for k in range(pack.k)]
+
+    def autostop_output(self, index: int) -> torch.Tensor:
+        """Network `index`'s output as ES-WMV picks it (see `_autostop_of`), (1, C, H, W)."""
+        for pack in self.packs:
+            if index in pack.index:
+                k = pack.index.index(index)
+                a, ema = pack.autostop, pack.ema[k:k + 1] / self.ema_norm
+                return torch.where(a.iteration[k] > 0, a.ema[k:k + 1], ema)
+        raise IndexError(index)
+
+    def all_stopped(self) -> bool:
+        """Whether ES-WMV has fired on every network (`stop = auto` ends the trial then)."""
+        return all(bool((p.autostop.fired_at > 0).all()) for p in self.packs)
 
     def evaluate(self) -> dict[str, float]:
         """Metrics of every network, aggregated (see the module docstring); raises
@@ -162,13 +203,14 @@ class Trial:
         """How good the observation itself is (at output resolution): the bar to beat.
         The observation never changes, so it is measured once."""
         if self._observation is None:
-            per = [{"psnr_observation": float(psnr_batch(n.data.input_image, n.data.clean)[0]),
+            per = [{} if n.data.clean is None else  # `apply`: no clean image
+                   {"psnr_observation": float(psnr_batch(n.data.input_image, n.data.clean)[0]),
                     "ssim_observation": ssim(n.data.input_image, n.data.clean)}
                    for n in self.networks]
             self._observation = (aggregate(self.networks, per), per)
         return dict(self._observation[0])
 
-    def result(self, metrics: dict[str, float]) -> dict[str, Any]:
+    def result(self, metrics: dict[str, float]) -> JsonObject:
         """What result.json holds: the aggregated metrics, the observation's, and every
         network (image, repeat, seed, its own metrics of the latest evaluation)."""
         obs = self.observation_metrics()
@@ -203,8 +245,8 @@ class Trial:
 
     # --- checkpointing: plain tensors, numbers, strings, lists and dicts, one entry per
     # network, so torch.load(weights_only=True) reads it ---
-    def state_dict(self) -> dict[str, Any]:
-        nets: list[dict[str, Any]] = [{} for _ in self.networks]
+    def state_dict(self) -> State:
+        nets: list[State] = [{} for _ in self.networks]
         for pack in self.packs:
             weights = unpack_state_dict(pack.net.state_dict(), pack.k)
             moments = self._adam_moments(pack)
@@ -215,6 +257,7 @@ class Trial:
                     "net": {key: t.cpu().contiguous() for key, t in weights[k].items()},
                     "adam": moments[k], "input": {key: t.cpu() for key, t in n.dip_input.state_dict().items()},
                     "gen": n.gen.get_state(), "eval_gen": n.eval_gen.get_state(),
+                    "probe_gen": n.probe_gen.get_state(), "autostop": pack.autostop.state_dict(k),
                     "ema": pack.ema[k].cpu().clone(), "loss": vals[0][k], "best_psnr": vals[1][k],
                     "best_iteration": vals[2][k], "diverged_at": vals[3][k], "diverged_loss": vals[4][k],
                 }
@@ -234,14 +277,14 @@ class Trial:
                     out[k][name].append(t["t"].cpu().contiguous())
         return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: State) -> None:
         if (state.get("config") != self.cfg.to_dict()
                 or len(state.get("networks", ())) != len(self.networks)):
             raise ValueError("the checkpoint belongs to another configuration")
         self.iteration, self.seconds = state["iteration"], state["seconds"]
         self._it.fill_(self.iteration)
         self.ema_norm.fill_(state["ema_norm"])
-        adam_state: dict[int, dict[str, Any]] = {}
+        adam_state: dict[int, dict[str, torch.Tensor]] = {}
         offset = 0
         for pack in self.packs:
             saved = [state["networks"][i] for i in pack.index]
@@ -250,6 +293,8 @@ class Trial:
                 n.dip_input.load_state_dict(s["input"])
                 n.gen.set_state(s["gen"])
                 n.eval_gen.set_state(s["eval_gen"])
+                n.probe_gen.set_state(s["probe_gen"])
+            pack.autostop.load_state_dict([s["autostop"] for s in saved])
             pack.ema.copy_(torch.stack([s["ema"] for s in saved]))
             for name, t in (("loss", pack.loss), ("best_psnr", pack.best_psnr),
                             ("best_iteration", pack.best_iteration),
@@ -266,18 +311,23 @@ class Trial:
         self.stepper.reset()  # a captured graph holds the old optimizer state
 
 
-def run_trial(cfg: TrialConfig, report: Report, state: dict[str, Any] | None = None,
-              trial: Trial | None = None) -> dict[str, Any]:
+def run_trial(cfg: TrialConfig, report: Report, state: State | None = None,
+              trial: Trial | None = None) -> JsonObject:
     """Train to `cfg.iterations`, reporting every `cfg.report_every` iterations and at the
-    end; resume from `state` (a `Trial.state_dict()`) when given. Returns `trial.result`."""
+    end; with `cfg.stop == "auto"` end at the first report after ES-WMV fired on every
+    network. Resume from `state` (a `Trial.state_dict()`) when given. Returns `trial.result`."""
     trial = trial or Trial(cfg)
     if state is not None:
         trial.load_state_dict(state)
     metrics: dict[str, float] = {}
-    while trial.iteration < cfg.iterations:
+    done = trial.ended = state is not None and cfg.stop == "auto" and trial.all_stopped()
+    while trial.iteration < cfg.iterations and not done:
         trial.step()
         if trial.iteration % cfg.report_every == 0 or trial.iteration == cfg.iterations:
             metrics = trial.evaluate()
+            # with stop = auto the trial ends once ES-WMV fired on every network
+            done = trial.ended = (trial.iteration >= cfg.iterations
+                                  or (cfg.stop == "auto" and trial.all_stopped()))
             report(metrics, trial)
     if not metrics:  # resumed at the end: report nothing new, but return the result
         metrics = trial.evaluate()

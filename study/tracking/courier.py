@@ -11,18 +11,19 @@ import io
 import os
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from study.tracking.records import TRIAL_TAG
+from study.paths import JsonObject
+from study.tracking.records import TRIAL_TAG, DeliveryStatus
 from study.tracking.spool import Record, Spool
 from study.tracking.store import REASON_TAG, TERMINAL
 
 
-def _find_trial_run(client: MlflowClient, experiment_id: str, trial_id: str) -> Any | None:
+def _find_trial_run(client: MlflowClient, experiment_id: str, trial_id: str) -> Run | None:
     runs = client.search_runs([experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}'")
     return runs[0] if runs else None
 
@@ -74,10 +75,9 @@ class Courier:
         self.spool.append(records)
         self._wake.set()
 
-    def status(self) -> dict[str, Any]:
-        return {"pending_batches": len(self.spool), "pending_bytes": self.spool.size_bytes,
-                "dropped": self.spool.dropped, "skipped": self.skipped,
-                "down_since": self.down_since, "folder": str(self.spool.folder)}
+    def status(self) -> DeliveryStatus:
+        return DeliveryStatus(len(self.spool), self.spool.size_bytes, self.spool.dropped,
+                              self.skipped, self.down_since, str(self.spool.folder))
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -141,25 +141,32 @@ class Courier:
                 if "create" not in rec:
                     raise Undeliverable(f"no run for trial {trial}")
                 found = self._create(rec["create"])
-            self._runs[trial] = found.info.run_id
-            self._hw[found.info.run_id] = self._high_water(found.info.run_id)
+            if "create" in rec:  # again if an outage cut the first try short after create_run
+                self._log_params(found, rec["create"]["params"])
+            hw = self._high_water(found.info.run_id)
+            # Known only once complete: an outage above leaves nothing half-known, and the
+            # record is tried again from the search.
+            self._runs[trial], self._hw[found.info.run_id] = found.info.run_id, hw
         return self._runs[trial]
 
-    def _search_any(self, trial: str) -> Any | None:
+    def _log_params(self, run: Run, params: dict[str, str]) -> None:
+        """The params the run lacks (MLflow refuses to change one, not to be sent none)."""
+        have = run.data.params
+        missing = [Param(k, v) for k, v in params.items() if k not in have]
+        for i in range(0, len(missing), 100):  # MLflow's limit per batch
+            self.client.log_batch(run.info.run_id, params=missing[i:i + 100])
+
+    def _search_any(self, trial: str) -> Run | None:
         runs = self.client.search_runs(self._experiments(), f"tags.`{TRIAL_TAG}` = '{trial}'")
         return runs[0] if runs else None
 
     def _experiments(self) -> list[str]:
         return [e.experiment_id for e in self.client.search_experiments()]
 
-    def _create(self, c: dict[str, Any]) -> Any:
+    def _create(self, c: JsonObject) -> Run:
         # Started when the trial did, not when a record reached a server that was away.
-        run = self.client.create_run(c["experiment_id"], start_time=c.get("start_time"),
-                                     run_name=c["name"], tags=c["tags"])
-        params = [Param(k, v) for k, v in c["params"].items()]
-        for i in range(0, len(params), 100):  # MLflow's limit per batch
-            self.client.log_batch(run.info.run_id, params=params[i:i + 100])
-        return run
+        return self.client.create_run(c["experiment_id"], start_time=c.get("start_time"),
+                                      run_name=c["name"], tags=c["tags"])
 
     def _high_water(self, run_id: str) -> int:
         """The highest step of `iteration` already in the run: a retried or resumed trial

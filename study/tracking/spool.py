@@ -8,7 +8,7 @@ oldest batch, delivers a prefix of it, and `ack`s that prefix: the file is rewri
 what is left, or removed. Only one process owns a spool folder at a time (the study's
 relay); a new owner continues where the last one stopped.
 
-Standard library only.
+Standard library only (and the project's JSON alias).
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Any
 
-Record = dict[str, Any]
+from study.paths import JsonObject
+
+Record = JsonObject  # one MLflow write (study/tracking/records.py), as JSON
 BATCH = re.compile(r"^(\d{12})\.json$")
 META = "meta.json"
 DEFAULT_MAX_BYTES = 512 * 2**20  # a bound on what waits on disk for the server

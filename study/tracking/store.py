@@ -20,16 +20,24 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from mlflow.entities import Param, RunTag
+from mlflow.entities import Experiment, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
+from study.paths import JsonObject
 from study.tracking.records import (ROLE_TAG, TRIAL_TAG, dict_record, end_record, flat_params,
                                     metrics_record, tags_record)
 from study.tracking.spool import Record
 
+if TYPE_CHECKING:
+    import numpy as np
+
+    from study.results import BestTrial
+
+COMPLETED_TAG = "dip.completed"  # "true" once a trial ran all its iterations
+NAME_TAG = "dip.trial_name"      # Tune's trial name, trial_NNNN
 REASON_TAG = "dip.end_reason"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 UNDELIVERED_TAG = "dip.undelivered"  # on the parent: records the spool had to drop
@@ -56,8 +64,57 @@ def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
         )
 
 
-def _flat_params(d: dict[str, Any]) -> list[Param]:
+def _flat_params(d: JsonObject) -> list[Param]:
     return [Param(k, v) for k, v in flat_params(d).items()]
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """A study's trial as its MLflow child run records it: the one reading of a child run,
+    for the export, the report and `status`."""
+
+    run_id: str
+    name: str                      # the run's name (what it tries)
+    trial_id: str                  # Ray Tune's trial id (tag dip.trial_id); '' if the run has none
+    status: str                    # RUNNING, FINISHED, FAILED or KILLED
+    completed: bool                # ran all its iterations (tag dip.completed)
+    params: dict[str, str]         # its parameters as MLflow keeps them (strings)
+    metrics: dict[str, float]      # latest value of each
+    tags: dict[str, str]
+    start: float                   # seconds since the epoch
+    end: float                     # 0 while running
+
+    @property
+    def trial(self) -> str:
+        """Tune's trial name: trial_NNNN, numbered through the study (else the run's name)."""
+        return self.tags.get(NAME_TAG) or self.name
+
+    @property
+    def state(self) -> str:
+        """completed, stopped early (by the scheduler), failed, or the run's status."""
+        if self.completed:
+            return "completed"
+        if self.status == "FAILED":
+            return "failed"
+        return "stopped early" if self.status == "FINISHED" else self.status.lower()
+
+
+def _seconds(ms: int | None) -> float:
+    return (ms or 0) / 1000
+
+
+def _trial_summary(r: Run) -> TrialSummary:
+    tags = dict(r.data.tags)
+    return TrialSummary(
+        run_id=r.info.run_id, name=r.info.run_name or "", trial_id=tags.get(TRIAL_TAG, ""),
+        status=r.info.status, completed=tags.get(COMPLETED_TAG) == "true", params=dict(r.data.params),
+        metrics=dict(r.data.metrics), tags=tags, start=_seconds(r.info.start_time), end=_seconds(r.info.end_time))
+
+
+def _trials(client: MlflowClient, experiment_id: str) -> list[TrialSummary]:
+    """Every child run of the experiment (tag dip.role = trial)."""
+    runs = client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'trial'", max_results=50000)
+    return [_trial_summary(r) for r in runs]
 
 
 class StudyTracker:
@@ -75,7 +132,7 @@ class StudyTracker:
         else:
             self.experiment_id = exp.experiment_id
 
-    def start_parent(self, settings: dict[str, Any], space: dict[str, Any], note: str) -> str:
+    def start_parent(self, settings: JsonObject, space: JsonObject, note: str) -> str:
         run = self.client.create_run(self.experiment_id, run_name="study", tags={
             ROLE_TAG: "study", MLFLOW_RUN_NOTE: note})
         rid = run.info.run_id
@@ -87,27 +144,17 @@ class StudyTracker:
     def reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
 
-    def child_runs(self) -> list[Any]:
-        return self.client.search_runs([self.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'",
-                                       max_results=50000)
+    def trial_summaries(self) -> list[TrialSummary]:
+        return _trials(self.client, self.experiment_id)
 
-    def trial_summaries(self) -> list[dict[str, Any]]:
-        """Each child run as plain data: ids, status, latest metrics, completion."""
-        return [{
-            "mlflow_run_id": r.info.run_id, "trial_id": r.data.tags.get(TRIAL_TAG),
-            "status": r.info.status, "metrics": dict(r.data.metrics),
-            "completed": r.data.tags.get("dip.completed") == "true",
-            "end_reason": r.data.tags.get(REASON_TAG, ""),
-        } for r in self.child_runs()]
-
-    def load_dict(self, run_id: str, name: str) -> dict[str, Any]:
+    def load_dict(self, run_id: str, name: str) -> JsonObject:
         with tempfile.TemporaryDirectory() as d:
             return json.loads(Path(self.client.download_artifacts(run_id, name, d)).read_text())
 
     @staticmethod
-    def finish_records(run_id: str, status: str, best: Any | None,
-                       summary: dict[str, Any], undelivered: int) -> list[Record]:
-        """What ends the parent run: the best trial (a config.BestTrial), the summary, what
+    def finish_records(run_id: str, status: str, best: BestTrial | None,
+                       summary: JsonObject, undelivered: int) -> list[Record]:
+        """What ends the parent run: the best trial, the summary (FitSummary.to_dict), what
         could not be delivered."""
         out: list[Record] = []
         if best is not None:
@@ -129,19 +176,6 @@ class StudyTracker:
 # alone, so they work from anywhere that reaches the tracking server.
 
 @dataclass(frozen=True)
-class TrialView:
-    run_id: str
-    name: str                      # the run's name (what it tries)
-    trial: str                     # Tune's trial name: trial_NNNN, numbered through the study
-    status: str                    # RUNNING, FINISHED, FAILED or KILLED
-    completed: bool                # ran all its iterations
-    metrics: dict[str, float]      # latest value of each
-    params: dict[str, str]
-    start: float                   # seconds since the epoch
-    end: float                     # 0 while running
-
-
-@dataclass(frozen=True)
 class StudyView:
     name: str
     tracking_uri: str
@@ -151,16 +185,12 @@ class StudyView:
     end: float
     params: dict[str, str]         # the StudyConfig, flattened ("trial.iterations")
     tags: dict[str, str]
-    trials: tuple[TrialView, ...]
+    trials: tuple[TrialSummary, ...]
 
     @property
     def asked(self) -> int:
         """Trials the study asks for (`extend` raises it)."""
         return int(self.tags.get("dip.asked") or self.params.get("num_samples") or 0)
-
-
-def _seconds(ms: int | None) -> float:
-    return (ms or 0) / 1000
 
 
 def _read_client(uri: str) -> MlflowClient:
@@ -170,17 +200,12 @@ def _read_client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-def _study_view(client: MlflowClient, uri: str, exp: Any) -> StudyView | None:
+def _study_view(client: MlflowClient, uri: str, exp: Experiment) -> StudyView | None:
     runs = client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'study'", max_results=1)
     if not runs:
         return None
     p = runs[0]
-    trials = tuple(TrialView(
-        run_id=r.info.run_id, name=r.info.run_name or "", status=r.info.status,
-        trial=r.data.tags.get("dip.trial_name") or r.info.run_name or "",
-        completed=r.data.tags.get("dip.completed") == "true", metrics=dict(r.data.metrics),
-        params=dict(r.data.params), start=_seconds(r.info.start_time), end=_seconds(r.info.end_time),
-    ) for r in client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'", max_results=50000))
+    trials = tuple(_trials(client, exp.experiment_id))
     return StudyView(name=exp.name, tracking_uri=uri, parent_run_id=p.info.run_id, status=p.info.status,
                      start=_seconds(p.info.start_time), end=_seconds(p.info.end_time),
                      params=dict(p.data.params), tags=dict(p.data.tags), trials=trials)
@@ -200,11 +225,11 @@ def study_views(uri: str) -> list[StudyView]:
     return sorted((v for v in views if v is not None), key=lambda v: v.start)
 
 
-def set_run_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+def set_run_tags(uri: str, run_id: str, tags: dict[str, object]) -> None:
     MlflowClient(tracking_uri=uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def load_run_dict(uri: str, run_id: str, name: str) -> dict[str, Any]:
+def load_run_dict(uri: str, run_id: str, name: str) -> JsonObject:
     """A JSON artifact of a run (e.g. the parent's search_space.json)."""
     with tempfile.TemporaryDirectory() as d:
         path = MlflowClient(tracking_uri=uri).download_artifacts(run_id, name, d)
@@ -212,29 +237,20 @@ def load_run_dict(uri: str, run_id: str, name: str) -> dict[str, Any]:
 
 
 # --- Read-only queries for the report (study/report.py), and logging its folder. ---
-# Self-contained (own imports, literal tag names) so the rest of this room can change.
 
-def study_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
-    """Every run of study `experiment` as plain data: ids, name, role, status, tags,
-    params (strings) and latest metrics."""
-    from mlflow.tracking import MlflowClient
-
+def study_runs(uri: str, experiment: str) -> list[TrialSummary]:
+    """Every trial (child run) of study `experiment`."""
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"no MLflow experiment {experiment!r} at {uri}")
-    return [{
-        "run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
-        "role": r.data.tags.get("dip.role", ""), "tags": dict(r.data.tags),
-        "params": dict(r.data.params), "metrics": dict(r.data.metrics),
-    } for r in client.search_runs([exp.experiment_id], max_results=50000)]
+    return _trials(client, exp.experiment_id)
 
 
-def run_image(uri: str, run_id: str, key: str) -> Any | None:
+def run_image(uri: str, run_id: str, key: str) -> np.ndarray | None:
     """The latest-step image logged under `key` with `log_image(key=..., step=...)`, as
     an H x W x C uint8 array, or None if the run has none."""
     import numpy as np
-    from mlflow.tracking import MlflowClient
     from PIL import Image
 
     client = MlflowClient(tracking_uri=uri)
@@ -252,6 +268,4 @@ def run_image(uri: str, run_id: str, key: str) -> Any | None:
 
 def log_folder(uri: str, run_id: str, folder: str | Path, artifact_path: str) -> None:
     """Log every file under `folder` to `run_id` under `artifact_path`."""
-    from mlflow.tracking import MlflowClient
-
     MlflowClient(tracking_uri=uri).log_artifacts(run_id, str(folder), artifact_path)
