@@ -380,25 +380,3 @@ def validate_study(s: StudyConfig) -> None:
         raise ValueError(f"warm_start names a study twice: {', '.join(s.warm_start)}")
     if s.storage and "://" not in s.storage and not os.path.isabs(s.storage):
         raise ValueError(f"storage {s.storage!r} must be an absolute path or a URI such as s3://bucket/path")
-
-
-# Short labels of searched fields in run names; the others show as `field=value`.
-RUN_NAME_LABELS = {"timestep": "t", "reg_noise_std": "reg"}
-
-
-def _run_name_value(v: object) -> str:
-    if isinstance(v, float):
-        return f"{v:.1e}" if v != 0 and (abs(v) < 0.01 or abs(v) >= 1000) else f"{v:.3g}"
-    return str(v)
-
-
-def trial_run_name(cfg: TrialConfig, searched: list[str]) -> str:
-    """What a trial tries, for its MLflow run name: e.g. `ddpm_resample t=120 lr=3.2e-03`.
-    The input mode comes first and bare; fields its mode does not use are left out (a
-    uniform trial has no t); with nothing searched, the mode alone."""
-    parts = [cfg.noise_mode]
-    for name in searched:
-        if name == "noise_mode" or not mode_uses(name, cfg.noise_mode):
-            continue
-        parts.append(f"{RUN_NAME_LABELS.get(name, name)}={_run_name_value(getattr(cfg, name))}")
-    return " ".join(parts)

@@ -1,10 +1,10 @@
 """Input modes, and the one owner of the rule "this field only matters for some modes":
-the search space asks such a field only for those modes, run names, MLflow params, the
-report and `status` show it only for them. Standard library only.
+the search space asks such a field only for those modes, run names (`trial_run_name`),
+MLflow params, the report and `status` show it only for them. Standard library only.
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, Mapping, get_args
 
 NoiseMode = Literal[
     "uniform", "gaussian", "gaussian_resample", "ddpm", "ddpm_resample", "ddpm_random_t"
@@ -29,3 +29,27 @@ def mode_uses(name: str, mode: str) -> bool:
 def mode_searches(name: str, mode: str) -> bool:
     """Whether the search space asks field `name` for a trial of input mode `mode`."""
     return mode_uses(name, mode) and mode in SEARCHED_ONLY.get(name, (mode,))
+
+
+# Short labels of searched fields in run names; the others show as `field=value`.
+RUN_NAME_LABELS = {"timestep": "t", "reg_noise_std": "reg"}
+
+
+def _run_name_value(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.1e}" if v != 0 and (abs(v) < 0.01 or abs(v) >= 1000) else f"{v:.3g}"
+    return str(v)
+
+
+def trial_run_name(cfg: Mapping[str, object], searched: list[str]) -> str:
+    """What a trial tries, for its MLflow run name: e.g. `ddpm_resample t=120 lr=3.2e-03`.
+    The input mode comes first and bare; fields its mode does not use are left out (a
+    uniform trial has no t); with nothing searched, the mode alone. `cfg`: a trial's
+    config as a mapping (TrialConfig.to_dict())."""
+    mode = str(cfg["noise_mode"])
+    parts = [mode]
+    for name in searched:
+        if name == "noise_mode" or not mode_uses(name, mode):
+            continue
+        parts.append(f"{RUN_NAME_LABELS.get(name, name)}={_run_name_value(cfg[name])}")
+    return " ".join(parts)

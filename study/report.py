@@ -11,13 +11,11 @@ baseline and the best-output grid are study/report_images.py. It never imports m
 """
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 import matplotlib.ticker
@@ -26,69 +24,11 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from study.config import StudyConfig, TrialConfig  # noqa: E402
-from study.modes import DDPM_MODES, NOISE_MODES, mode_uses  # noqa: E402
+from study.modes import DDPM_MODES, NOISE_MODES  # noqa: E402
 from study.report_images import ImageFacts, best_grid, best_output, image_facts  # noqa: E402
-from study.space import optuna_figures  # noqa: E402
-
-if TYPE_CHECKING:  # mlflow is slow to import
-    from study.tracking.store import TrialSummary
-
-HONEST = "psnr_ema"   # the honest final number of a trial (no clean image involved in choosing it)
-AUTOSTOP = "psnr_autostop"  # honest too: the output ES-WMV picks, with no clean image
-ORACLE = "psnr_best"  # the best EMA PSNR over iterations: it looks at the clean image
-THREE = ((HONEST, "honest final"), (AUTOSTOP, "honest autostop"), (ORACLE, "oracle best"))
-
-
-@dataclass(frozen=True)
-class TrialRow:
-    """One trial as the report needs it (from its MLflow child run)."""
-
-    name: str
-    run_id: str
-    state: str                 # completed, stopped early, failed, or the run's status
-    mode: str
-    timestep: int | None       # None for the non-DDPM modes
-    lr: float
-    iteration: int
-    metrics: dict[str, float]
-    loss: str = "mse"
-
-    @property
-    def variant(self) -> str:
-        """What the input mode and the loss make of it: `ddpm (sure)` when not MSE."""
-        return self.mode if self.loss == "mse" else f"{self.mode} ({self.loss})"
-
-    def value(self, key: str) -> float | None:
-        v = self.metrics.get(key)
-        return v if v is not None and math.isfinite(v) else None
-
-
-def trial_rows(runs: list[TrialSummary], base: TrialConfig) -> list[TrialRow]:
-    rows = []
-    for r in runs:
-        p = r.params
-        mode = p.get("noise_mode", base.noise_mode)
-        t = int(p.get("timestep", base.timestep)) if mode_uses("timestep", mode) else None
-        rows.append(TrialRow(r.name, r.run_id, r.state, mode, t, float(p.get("lr", base.lr)),
-                             int(r.metrics.get("iteration", 0)), r.metrics, p.get("loss", base.loss)))
-    return sorted(rows, key=lambda row: row.name)
-
-
-def summarize(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    return {"n": len(values), "best": max(values), "median": statistics.median(values),
-            "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
-def _f(v: float | None, nd: int = 2) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
+from study.report_tables import (AUTOSTOP, HONEST, ORACLE, TrialRow, fmt, image_key,  # noqa: E402
+                                 mode_section, table, three_section, trial_rows, trials_appendix)
+from study.space import optuna_figures, warm_start_counts  # noqa: E402
 
 # --- figures ---
 
@@ -124,83 +64,28 @@ def _draw_scatter(pts: list[TrialRow], x: str, metric: str, path: Path, log: boo
 
 # --- sections ---
 
-def _cost_per_network(r: TrialRow, gpu: bool) -> float | None:
-    """Device-seconds one network of the trial cost: training `seconds` x what it held (its
-    GPU share, or CPUs) / its networks (images x repeats), all as its run logged them."""
-    held, k, sec = r.value("trial/gpus" if gpu else "trial/cpus"), r.value("trial/networks"), r.value("seconds")
-    return sec * held / k if held is not None and k and sec is not None else None
-
-
-def _mode_section(rows: list[TrialRow], metric: str) -> str:
-    gpu = any((r.value("trial/gpus") or 0) > 0 for r in rows)
-    unit = "GPU" if gpu else "CPU"
-    body = []
-    for mode in (m for m in NOISE_MODES if any(r.mode == m for r in rows)):
-        mine = [r for r in rows if r.mode == mode]
-        done = [v for r in mine if r.state == "completed" and (v := r.value(metric)) is not None]
-        spread = [v for r in mine if r.state == "completed" and (v := r.value(f"{metric}_repeat_std")) is not None]
-        st = summarize(done)
-        count = {k: sum(r.state == k for r in mine) for k in ("completed", "stopped early", "failed")}
-        cost = [c for r in mine if r.state == "completed" and (c := _cost_per_network(r, gpu)) is not None]
-        body.append([mode, str(len(mine)), str(count["completed"]), str(count["stopped early"]), str(count["failed"]),
-                     _f(st.get("best")), _f(st.get("median")),
-                     f"{_f(st.get('mean'))} ± {_f(st.get('std'))}" if st else "-",
-                     _f(statistics.fmean(spread)) if spread else "-",
-                     _f(statistics.median(cost)) if cost else "-"])
-    share = "GPU share" if gpu else "CPUs"
-    return _table(["input mode", "trials", "completed", "stopped early", "failed", f"best {metric}",
-                   f"median {metric}", "mean ± std over trials", "mean spread over repeats (std)",
-                   f"{unit}-s per network (median over completed: `seconds` x {share} / networks)"], body)
-
-
-def _three_section(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
-    """Per input mode (and loss), over all images and per image: the median over completed
-    trials of the honest final value, the honest autostop value and the oracle best."""
-    labels = [f.label for f in facts]
-    done = [r for r in rows if r.state == "completed"]
-    variants = sorted({r.variant for r in done}, key=lambda v: (NOISE_MODES.index(v.split(" ")[0]), v))
-    scopes = [("all images", None)] + ([(f.label, f.label) for f in sorted(facts, key=lambda f: f.brightness)]
-                                       if len(labels) > 1 else [])
-    body = []
-    for scope, label in scopes:
-        for v in variants:
-            mine = [r for r in done if r.variant == v]
-            cells = []
-            for key, _ in THREE:
-                k = key if label is None else _image_key(key, label, labels)
-                vals = [x for r in mine if (x := r.value(k)) is not None]
-                cells.append(_f(statistics.median(vals)) if vals else "-")
-            body.append([scope, v, str(len(mine)), *cells])
-    return _table(["image", "input (loss)", "completed trials",
-                   *[f"{label} (median `{key}`)" for key, label in THREE]], body)
-
-
-def _image_key(metric: str, label: str, labels: list[str]) -> str:
-    return f"{metric}/{label}" if len(labels) > 1 else metric
-
-
 def _image_section(rows: list[TrialRow], facts: list[ImageFacts], base: TrialConfig) -> tuple[str, str]:
     labels = [f.label for f in facts]
     modes = [m for m in NOISE_MODES if any(r.mode == m and r.state == "completed" for r in rows)]
     bl = {"denoise": "BM3D", "sr": "bicubic"}.get(base.task)
     body, by_mode = [], {}
     for f in sorted(facts, key=lambda f: f.brightness):
-        key = _image_key(HONEST, f.label, labels)
+        key = image_key(HONEST, f.label, labels)
         done = [r for r in rows if r.state == "completed" and r.value(key) is not None]
         best = max(done, key=lambda r: r.value(key), default=None)
         med = {m: statistics.median([r.value(key) for r in done if r.mode == m])
                for m in modes if any(r.mode == m for r in done)}
         by_mode[f.label] = med
-        body.append([f.label, _f(f.brightness, 3), _f(f.observation_psnr), _f(f.baseline_psnr),
-                     _f(best.value(key) if best else None), best.mode if best else "-",
-                     _f(best.value(_image_key(ORACLE, f.label, labels)) if best else None)])
-    table = _table(["image (darkest first)", "mean brightness", "observation PSNR",
+        body.append([f.label, fmt(f.brightness, 3), fmt(f.observation_psnr), fmt(f.baseline_psnr),
+                     fmt(best.value(key) if best else None), best.mode if best else "-",
+                     fmt(best.value(image_key(ORACLE, f.label, labels)) if best else None)])
+    per_image = table(["image (darkest first)", "mean brightness", "observation PSNR",
                     f"{bl or 'baseline'} PSNR" if bl else "baseline", f"best trial {HONEST}", "its mode",
                     f"its {ORACLE} (oracle)"], body)
-    per_mode = _table(["image (darkest first)", *modes],
-                      [[f.label, *[_f(by_mode[f.label].get(m)) for m in modes]]
+    per_mode = table(["image (darkest first)", *modes],
+                      [[f.label, *[fmt(by_mode[f.label].get(m)) for m in modes]]
                        for f in sorted(facts, key=lambda f: f.brightness)])
-    return table, per_mode
+    return per_image, per_mode
 
 
 def observation_check(rows: list[TrialRow], facts: list[ImageFacts]) -> tuple[float | None, str]:
@@ -208,7 +93,7 @@ def observation_check(rows: list[TrialRow], facts: list[ImageFacts]) -> tuple[fl
     `psnr_observation`: the baseline is only fair if it sees the same noisy pixels."""
     labels = [f.label for f in facts]
     gaps = [abs(v - f.observation_psnr) for f in facts for r in rows
-            if (v := r.value(_image_key("psnr_observation", f.label, labels))) is not None]
+            if (v := r.value(image_key("psnr_observation", f.label, labels))) is not None]
     if not gaps:
         return None, "The trials logged no `psnr_observation`, so the observations could not be cross-checked."
     gap = max(gaps)
@@ -228,7 +113,7 @@ def _darkness_sentence(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
         return "One image only: the study cannot say how brightness matters."
     parts = []
     for f in sorted(facts, key=lambda f: f.brightness):
-        key = _image_key(HONEST, f.label, labels)
+        key = image_key(HONEST, f.label, labels)
         done = [r for r in rows if r.state == "completed" and r.value(key) is not None]
         ddpm = [r.value(key) for r in done if r.mode in DDPM_MODES]
         uni = [r.value(key) for r in done if r.mode == "uniform"]
@@ -273,9 +158,9 @@ def _best_section(best: TrialRow | None, s: StudyConfig, searched: list[str]) ->
     shown = ", ".join(f"{k} = {v}" for k, v in (("noise_mode", best.mode), ("timestep", best.timestep),
                                                 ("lr", f"{best.lr:.3g}")) if v is not None and k in searched)
     return (f"Best trial `{best.name}` ({best.state}, {best.iteration} iterations): {shown}. "
-            + (f"{s.metric} = {_f(best.value(s.metric), 3)}; " if s.metric not in (HONEST, ORACLE) else "")
-            + f"{HONEST} = {_f(best.value(HONEST))} dB (honest: "
-            f"the output average at the end); {ORACLE} = {_f(best.value(ORACLE))} dB at iteration "
+            + (f"{s.metric} = {fmt(best.value(s.metric), 3)}; " if s.metric not in (HONEST, ORACLE) else "")
+            + f"{HONEST} = {fmt(best.value(HONEST))} dB (honest: "
+            f"the output average at the end); {ORACLE} = {fmt(best.value(ORACLE))} dB at iteration "
             f"{int(best.value('best_iteration') or 0)} (**oracle**: chosen by looking at the clean image, "
             "so no method can claim it; it is the ceiling early stopping could reach).")
 
@@ -302,9 +187,21 @@ def _figures(rows: list[TrialRow], facts: list[ImageFacts], s: StudyConfig, out:
     if len(labels) > 1:
         for f in facts:
             name = f"{HONEST}_vs_timestep_{f.label}.png"
-            if _scatter(rows, "timestep", _image_key(HONEST, f.label, labels), out / name, log=False):
+            if _scatter(rows, "timestep", image_key(HONEST, f.label, labels), out / name, log=False):
                 md.append(f"![{f.label}: {HONEST} against t]({name})")
     return md
+
+
+def _warm_start_line(s: StudyConfig) -> str:
+    """How many earlier trials the sampler started from (study/warmstart.py): in the
+    Optuna record, not trials of this study."""
+    counts = warm_start_counts(s.study_dir, s.name) if s.warm_start else {}
+    if not counts:
+        return ""
+    where = ", ".join(f"{n} from `{k}`" for k, n in counts.items())
+    return (f"- Warm start: the sampler began from {sum(counts.values())} finished trials of earlier "
+            f"studies ({where}). They are not trials of this study and no table here counts them; "
+            "Optuna's figures below do include them.\n")
 
 
 def _header(s: StudyConfig, rows: list[TrialRow], meta: Any, searched: list[str]) -> str:
@@ -318,6 +215,7 @@ def _header(s: StudyConfig, rows: list[TrialRow], meta: Any, searched: list[str]
             f"{getattr(t, 'repeats', 1)} repeat(s) (seeds) per image.\n"
             f"- Searched: {', '.join(f'`{k}`' for k in searched)}; {len(rows)} trials "
             f"({s.num_samples} asked), objective `{s.metric}` ({s.mode}), scheduler {s.scheduler}.\n"
+            + _warm_start_line(s) +
             f"- `{HONEST}`: PSNR of the output average at the trial's last report (the honest number). "
             f"`{AUTOSTOP}`: PSNR of the output the no-reference rule ES-WMV picks (window {t.window}, "
             f"patience {t.patience}; until it fires, its candidate so far), honest too. "
@@ -356,9 +254,9 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
     parts = [
         _header(s, rows, meta, searched),
         "## The answer\n", _headline(rows, facts, s, best) + "\n", _best_section(best, s, searched) + "\n", _darkness_sentence(rows, facts) + "\n",
-        "## Per input mode\n", _mode_section(rows, s.metric) + "\n",
+        "## Per input mode\n", mode_section(rows, s.metric) + "\n",
         "Honest final, honest autostop and oracle best, per input mode and per image:\n",
-        _three_section(rows, facts) + "\n", *[f + "\n" for f in _figures(rows, facts, s, out)],
+        three_section(rows, facts) + "\n", *[f + "\n" for f in _figures(rows, facts, s, out)],
         "## Per image\n", f"Baseline: {bl or 'none for this task'}, on the very observations the trials "
         "fitted (same seeds), averaged over repeats. " + observation_check(rows, facts)[1]
         + (f" At {s.trial.size} px BM3D finds few similar blocks to group, so it is handicapped; "
@@ -375,25 +273,9 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
     parts.append("## Optuna's view\n")
     parts += [f"![{t}]({f})\n" if f else f"- {t}\n" for f, t in optuna_figs] or \
         ["No Optuna record (ROOT/NAME/optuna.db) for this study.\n"]
-    parts.append(_trials_appendix(rows, s.metric, s.trial, searched))
+    parts.append(trials_appendix(rows, s.metric, s.trial, searched))
     path = out / "report.md"
     path.write_text("\n".join(parts))
     if log:
         tracking.log_folder(s.resolved_tracking_uri, meta.parent_run_id, out, "report")
     return path
-
-
-def _trials_appendix(rows: list[TrialRow], metric: str, base: TrialConfig, searched: list[str]) -> str:
-    keys = list(dict.fromkeys([metric, HONEST, AUTOSTOP, ORACLE]))
-    body = [[r.name, f"`{_tries(r, base, searched)}`", r.state, str(r.iteration), *[_f(r.value(k)) for k in keys]]
-            for r in sorted(rows, key=lambda r: -(r.value(metric) or -math.inf))]
-    head = ["run", "what it tries", "state", "iterations", *[f"{k} (oracle)" if k == ORACLE else k for k in keys]]
-    return "## Every trial\n\n" + _table(head, body) + "\n"
-
-
-def _tries(r: TrialRow, base: TrialConfig, searched: list[str]) -> str:
-    from study.config import trial_run_name
-
-    cfg = base.replace(noise_mode=r.mode, lr=r.lr, **({"timestep": r.timestep} if r.timestep is not None else {}),
-                       **({"loss": r.loss} if r.loss in ("mse", "l1") or r.mode in DDPM_MODES else {}))
-    return trial_run_name(cfg, searched)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from study import export
-from study import studydir
+from study import studydir, warmstart
 from study.config import StudyConfig
 from study.modes import mode_uses
 from study.results import BestTrial, FitSummary
@@ -46,6 +46,8 @@ def preflight_study(s: StudyConfig) -> SearchSpace:
     preflight(s.trial)
     if s.tracking_uri:  # the default store lives under the root checked above
         _tracking().check_tracking_uri(s.tracking_uri)
+    for line in warmstart.check(s):
+        print(line, flush=True)
     return space
 
 
@@ -97,10 +99,13 @@ def run(s: StudyConfig) -> int:
         Path(s.root).mkdir(parents=True, exist_ok=True)
         tracker = _tracker(s)
         note = f"DIP study {s.name}: {s.num_samples} trials, metric {s.metric}"
-        parent = tracker.start_parent(s.to_dict(), space.spec, note)
+        warm = {warmstart.WARM_TAG: ",".join(s.warm_start)} if s.warm_start else {}
+        parent = tracker.start_parent(s.to_dict(), space.spec, note, warm)
         studydir.write_study(StudyRecord(
             study=s, experiment_id=tracker.experiment_id, parent_run_id=parent, space=space.spec,
             created=time.strftime("%Y-%m-%dT%H:%M:%S")))
+        if s.warm_start:  # before the searcher, which loads the record it makes
+            warmstart.seed(s, space)
         tuner = st.build_tuner(s, space, _context(s, tracker.experiment_id, parent), gpus)
         return _fit_and_finish(s, tracker, parent, tuner, list(space.spec))
     finally:

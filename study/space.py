@@ -309,6 +309,7 @@ def add_warm_trials(study_dir: str | Path, name: str, mode: str, space: SearchSp
     "max" or "min") holding each (earlier trial, value) as a COMPLETE trial with the new
     space's distributions, marked WARM_START_ATTR; OptunaSearch then loads it. Returns the
     number added."""
+    Path(study_dir).mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(storage=make_storage(Path(study_dir) / OPTUNA_DB), study_name=name,
                                 direction="maximize" if mode == "max" else "minimize")
     dists = {p.name: p.distribution() for p in space.params if p.kind != "fixed"}

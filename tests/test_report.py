@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from study.config import TrialConfig, trial_run_name
+from study.config import TrialConfig
+from study.modes import trial_run_name
 
 SEARCHED = ["noise_mode", "timestep", "lr"]
 
@@ -17,7 +18,7 @@ SEARCHED = ["noise_mode", "timestep", "lr"]
     ({"noise_mode": "gaussian"}, [], "gaussian"),
 ])
 def test_trial_run_name_says_what_the_trial_tries(changes, searched, want):
-    assert trial_run_name(TrialConfig(**changes), searched) == want
+    assert trial_run_name(TrialConfig(**changes).to_dict(), searched) == want
 
 
 # --- the report, on a study recorded in a real MLflow store and a real Optuna storage ---

@@ -140,12 +140,13 @@ def test_ui_shows_the_study_in_a_browser(study, tmp_path):
         runs_page = dom(f"{base}/runs")
         run_page = dom(f"{base}/runs/{child.info.run_id}")
         link_page = dom(link)
-        # The trial's image cards: its charts load lazily, so up to three tries for the images.
+        # The trial's image cards: its charts load lazily, so up to three tries for the images;
+        # tall enough that the image sections, after the metric groups above them, render.
         metrics_url = f"{base}/runs/{shown.info.run_id}/model-metrics"
         for _ in range(3):
             metrics_page = subprocess.run(
                 [browser, *[f for f in flags if not f.startswith(("--virtual-time-budget", "--window-size"))],
-                 "--virtual-time-budget=60000", "--window-size=1400,1500", "--dump-dom", metrics_url],
+                 "--virtual-time-budget=60000", "--window-size=1400,2800", "--dump-dom", metrics_url],
                 capture_output=True, text=True, timeout=180).stdout
             if IMAGE_SRC.search(metrics_page):
                 break
@@ -153,7 +154,7 @@ def test_ui_shows_the_study_in_a_browser(study, tmp_path):
         shots.mkdir(parents=True, exist_ok=True)
         shot = [f for f in flags if not f.startswith(("--virtual-time-budget", "--window-size"))]
         for name, url, size in (("ui_study_link.png", link, "1400,560"),
-                                ("ui_trial_images.png", f"{base}/runs/{shown.info.run_id}/model-metrics", "1400,1500")):
+                                ("ui_trial_images.png", f"{base}/runs/{shown.info.run_id}/model-metrics", "1400,2800")):
             # The run page's charts load lazily and a busy machine can catch them as spinners:
             # three tries, the fullest picture (the largest PNG) kept.
             tries = []

@@ -29,8 +29,10 @@ def _rest(url: str, path: str, body: dict) -> dict:
 
 def test_study_on_mlflow_server(server, tmp_path):
     url, d = server
-    r = cli("run", "--name", "srv", "--root", str(tmp_path), "--num-samples", "3",
-            "--tracking-uri", url, "--max-concurrent", "2", *TINY)
+    # Ranked by where ES-WMV stops (no clean image in the choice); its export replays.
+    r = cli("run", "--name", "srv", "--root", str(tmp_path), "--num-samples", "3", "--metric",
+            "psnr_autostop", "--window", "10", "--patience", "10", "--tracking-uri", url,
+            "--max-concurrent", "2", *TINY)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local store
     check_study(url, "srv", n=3)
@@ -41,6 +43,13 @@ def test_study_on_mlflow_server(server, tmp_path):
     assert any((d / "artifacts").rglob("*.png")), "images were not proxied to the server's store"
     e = cli("export", "srv", "--root", str(tmp_path), "--out", str(tmp_path / "best.json"))
     assert e.returncode == 0, e.stderr
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["metric"] == "psnr_autostop"
+    r = cli("train", "--config", str(tmp_path / "best.json"), "--out", str(tmp_path / "replay"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / "replay" / "result.json").read_text())
+    assert got["psnr_autostop"] == pytest.approx(best["value"], abs=0.01)
+    assert got["autostop_iteration"] == best["metrics"]["autostop_iteration"]
 
 
 def _exp_id(url: str, name: str) -> str:

@@ -133,7 +133,7 @@ def test_trial_runs_hold_system_metrics(tmp_path):
 
 
 def test_report_gives_device_seconds_per_network():
-    from study.report import TrialRow, _mode_section
+    from study.report_tables import TrialRow, mode_section as _mode_section
 
     def row(name, state, **m):
         return TrialRow(name, name, state, "uniform", None, 0.01, 40, {"psnr_ema": 20.0, **m})

@@ -66,7 +66,7 @@ def connect(address: str) -> None:
         "working_dir": str(PROJECT_ROOT), "excludes": RUNTIME_EXCLUDES}
     # The test side's fault hook (see `_test_hook`) reaches trials on every node, not only
     # on nodes started from the driver's environment. Unset in use.
-    hooks = {k: v for k, v in os.environ.items() if k.startswith(("DIP_TEST_", "DIP_FAULT_"))}
+    hooks = {k: v for k, v in os.environ.items() if k.startswith(("DIP_TEST_", "DIP_FAULT_", "DIP_SYSMETRICS_"))}
     if hooks:
         runtime_env["env_vars"] = hooks
     if job_working_dir():  # a Ray job's driver: the job ships the code; Ray refuses a second working_dir

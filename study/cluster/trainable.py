@@ -18,7 +18,8 @@ import torch
 from ray import tune
 
 from study.cluster.relay import RelaySender
-from study.config import TrialConfig, trial_run_name
+from study.config import TrialConfig
+from study.modes import trial_run_name
 from study.engine import images as img
 from study.engine.sysmetrics import DEFAULT_EVERY, SystemSampler
 from study.engine.trial import State, Trial, run_trial
@@ -106,7 +107,7 @@ def dip_trainable(config: JsonObject, ctx: StudyContext) -> None:
     tctx, sender = tune.get_context(), RelaySender(ctx.relay)
     # The run is named for what the trial tries (`ddpm_resample t=120 lr=3.2e-03`), so the
     # runs table and chart legends read without opening runs; Tune's name goes in a tag.
-    name = trial_run_name(cfg, list(config))
+    name = trial_run_name(cfg.to_dict(), list(config))
     # Its params are what the space set: MLflow prints them all above every image card, and
     # a whole config there hides the images. The whole config goes in the dip.config tag.
     used = cfg.used_dict()

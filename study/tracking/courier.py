@@ -179,13 +179,13 @@ class Courier:
         trial = rec.get("trial")
         if op == "run":
             c.update_run(run_id, status="RUNNING")  # a retried or resumed trial goes on in it
-        elif op in ("metrics", "image") and trial and rec["step"] <= self._hw[run_id]:
-            return  # a step this run already has
+        elif op in ("metrics", "image") and trial and "series" not in rec and rec["step"] <= self._hw[run_id]:
+            return  # a step this run already has (system samples count their own steps)
         elif op == "metrics":
             ms = [Metric(k, v, rec["ts"], rec["step"]) for k, v in rec["values"].items()]
             for i in range(0, len(ms), 1000):
                 c.log_batch(run_id, metrics=ms[i:i + 1000])
-            if trial:
+            if trial and "series" not in rec:
                 self._hw[run_id] = max(self._hw[run_id], rec["step"])
         elif op == "image":
             from PIL import Image

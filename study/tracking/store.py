@@ -132,9 +132,10 @@ class StudyTracker:
         else:
             self.experiment_id = exp.experiment_id
 
-    def start_parent(self, settings: JsonObject, space: JsonObject, note: str) -> str:
+    def start_parent(self, settings: JsonObject, space: JsonObject, note: str,
+                     tags: dict[str, str] | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name="study", tags={
-            ROLE_TAG: "study", MLFLOW_RUN_NOTE: note})
+            ROLE_TAG: "study", MLFLOW_RUN_NOTE: note, **(tags or {})})
         rid = run.info.run_id
         self.client.log_batch(rid, params=_flat_params(settings))
         self.client.log_dict(rid, space, "search_space.json")

@@ -1,0 +1,142 @@
+"""The report's rows and tables: one `TrialRow` per trial run, the per-mode table, the
+honest final / honest autostop / oracle best table, and the appendix of every trial
+(study/report.py puts them together with the figures)."""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from study.config import TrialConfig
+from study.modes import DDPM_MODES, NOISE_MODES, mode_uses, trial_run_name
+
+if TYPE_CHECKING:  # mlflow is slow to import
+    from study.report_images import ImageFacts
+    from study.tracking.store import TrialSummary
+
+HONEST = "psnr_ema"   # the honest final number of a trial (no clean image involved in choosing it)
+AUTOSTOP = "psnr_autostop"  # honest too: the output ES-WMV picks, with no clean image
+ORACLE = "psnr_best"  # the best EMA PSNR over iterations: it looks at the clean image
+THREE = ((HONEST, "honest final"), (AUTOSTOP, "honest autostop"), (ORACLE, "oracle best"))
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial as the report needs it (from its MLflow child run)."""
+
+    name: str
+    run_id: str
+    state: str                 # completed, stopped early, failed, or the run's status
+    mode: str
+    timestep: int | None       # None for the non-DDPM modes
+    lr: float
+    iteration: int
+    metrics: dict[str, float]
+    loss: str = "mse"
+
+    @property
+    def variant(self) -> str:
+        """What the input mode and the loss make of it: `ddpm (sure)` when not MSE."""
+        return self.mode if self.loss == "mse" else f"{self.mode} ({self.loss})"
+
+    def value(self, key: str) -> float | None:
+        v = self.metrics.get(key)
+        return v if v is not None and math.isfinite(v) else None
+
+
+def trial_rows(runs: list[TrialSummary], base: TrialConfig) -> list[TrialRow]:
+    rows = []
+    for r in runs:
+        p = r.params
+        mode = p.get("noise_mode", base.noise_mode)
+        t = int(p.get("timestep", base.timestep)) if mode_uses("timestep", mode) else None
+        rows.append(TrialRow(r.name, r.run_id, r.state, mode, t, float(p.get("lr", base.lr)),
+                             int(r.metrics.get("iteration", 0)), r.metrics, p.get("loss", base.loss)))
+    return sorted(rows, key=lambda row: row.name)
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {"n": len(values), "best": max(values), "median": statistics.median(values),
+            "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def fmt(v: float | None, nd: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def cost_per_network(r: TrialRow, gpu: bool) -> float | None:
+    """Device-seconds one network of the trial cost: training `seconds` x what it held (its
+    GPU share, or CPUs) / its networks (images x repeats), all as its run logged them."""
+    held, k, sec = r.value("trial/gpus" if gpu else "trial/cpus"), r.value("trial/networks"), r.value("seconds")
+    return sec * held / k if held is not None and k and sec is not None else None
+
+
+def mode_section(rows: list[TrialRow], metric: str) -> str:
+    gpu = any((r.value("trial/gpus") or 0) > 0 for r in rows)
+    unit = "GPU" if gpu else "CPU"
+    body = []
+    for mode in (m for m in NOISE_MODES if any(r.mode == m for r in rows)):
+        mine = [r for r in rows if r.mode == mode]
+        done = [v for r in mine if r.state == "completed" and (v := r.value(metric)) is not None]
+        spread = [v for r in mine if r.state == "completed" and (v := r.value(f"{metric}_repeat_std")) is not None]
+        st = summarize(done)
+        count = {k: sum(r.state == k for r in mine) for k in ("completed", "stopped early", "failed")}
+        cost = [c for r in mine if r.state == "completed" and (c := cost_per_network(r, gpu)) is not None]
+        body.append([mode, str(len(mine)), str(count["completed"]), str(count["stopped early"]), str(count["failed"]),
+                     fmt(st.get("best")), fmt(st.get("median")),
+                     f"{fmt(st.get('mean'))} ± {fmt(st.get('std'))}" if st else "-",
+                     fmt(statistics.fmean(spread)) if spread else "-",
+                     fmt(statistics.median(cost)) if cost else "-"])
+    share = "GPU share" if gpu else "CPUs"
+    return table(["input mode", "trials", "completed", "stopped early", "failed", f"best {metric}",
+                   f"median {metric}", "mean ± std over trials", "mean spread over repeats (std)",
+                   f"{unit}-s per network (median over completed: `seconds` x {share} / networks)"], body)
+
+
+def three_section(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
+    """Per input mode (and loss), over all images and per image: the median over completed
+    trials of the honest final value, the honest autostop value and the oracle best."""
+    labels = [f.label for f in facts]
+    done = [r for r in rows if r.state == "completed"]
+    variants = sorted({r.variant for r in done}, key=lambda v: (NOISE_MODES.index(v.split(" ")[0]), v))
+    scopes = [("all images", None)] + ([(f.label, f.label) for f in sorted(facts, key=lambda f: f.brightness)]
+                                       if len(labels) > 1 else [])
+    body = []
+    for scope, label in scopes:
+        for v in variants:
+            mine = [r for r in done if r.variant == v]
+            cells = []
+            for key, _ in THREE:
+                k = key if label is None else image_key(key, label, labels)
+                vals = [x for r in mine if (x := r.value(k)) is not None]
+                cells.append(fmt(statistics.median(vals)) if vals else "-")
+            body.append([scope, v, str(len(mine)), *cells])
+    return table(["image", "input (loss)", "completed trials",
+                   *[f"{label} (median `{key}`)" for key, label in THREE]], body)
+
+
+def image_key(metric: str, label: str, labels: list[str]) -> str:
+    return f"{metric}/{label}" if len(labels) > 1 else metric
+
+
+def trials_appendix(rows: list[TrialRow], metric: str, base: TrialConfig, searched: list[str]) -> str:
+    keys = list(dict.fromkeys([metric, HONEST, AUTOSTOP, ORACLE]))
+    body = [[r.name, f"`{_tries(r, base, searched)}`", r.state, str(r.iteration), *[fmt(r.value(k)) for k in keys]]
+            for r in sorted(rows, key=lambda r: -(r.value(metric) or -math.inf))]
+    head = ["run", "what it tries", "state", "iterations", *[f"{k} (oracle)" if k == ORACLE else k for k in keys]]
+    return "## Every trial\n\n" + table(head, body) + "\n"
+
+
+def _tries(r: TrialRow, base: TrialConfig, searched: list[str]) -> str:
+
+    cfg = base.replace(noise_mode=r.mode, lr=r.lr, **({"timestep": r.timestep} if r.timestep is not None else {}),
+                       **({"loss": r.loss} if r.loss in ("mse", "l1") or r.mode in DDPM_MODES else {}))
+    return trial_run_name(cfg.to_dict(), searched)

@@ -1,0 +1,85 @@
+"""The warm start, `run --warm-start OTHER`: a new study's sampler begins from the finished
+trials of earlier studies under the same root. Before the searcher is built, each earlier
+trial that the new space could have asked (study/space.py `fits`) is added to the new
+study's Optuna record, marked with the study it came from; OptunaSearch loads that record,
+so TPE conditions on them from the first proposal. They are not trials of the new study:
+it has no Tune trial or MLflow run of them, its trial numbers and counts are its own, and
+`extend` (which never comes here) keeps them as they are.
+
+The value Optuna gets is the earlier trial's value of the new study's metric: its Optuna
+value when both studies optimise the same metric (exactly what that study's sampler saw),
+else the metric's last value in its MLflow child run (the trial's last report, the same
+rule as an Optuna value), found by its searched params.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable
+
+from study import studydir
+from study.config import StudyConfig
+
+if TYPE_CHECKING:
+    from study.space import EarlierTrial, SearchSpace
+
+WARM_TAG = "dip.warm_start"  # parent-run tag: the studies a study started from, comma-separated
+
+
+def check(s: StudyConfig) -> list[str]:
+    """Refuses a study to start from that does not exist under the root; returns a warning
+    sentence for each one whose objective, task or images differ (allowed: its trials
+    still say where the space is good)."""
+    names = studydir.study_names(s.root)
+    warnings = []
+    for other in s.warm_start:
+        if other not in names:
+            raise ValueError(f"no study {other!r} to warm-start from under {s.root!r}; "
+                             f"studies there: {', '.join(names) or 'none'}")
+        o = studydir.read_study(s.root, other).current
+        diff = [f"{what} is {a} (this study's: {b})" for what, a, b in (
+            ("objective", o.metric, s.metric), ("task", o.trial.task, s.trial.task),
+            ("image set", ", ".join(o.trial.images), ", ".join(s.trial.images))) if a != b]
+        if diff:
+            warnings.append(f"warning: warm start from study {other!r}, whose {'; '.join(diff)}: "
+                            f"its trials guide the sampler all the same")
+    return warnings
+
+
+def _value_of(o: StudyConfig, metric: str) -> Callable[[EarlierTrial], float | None]:
+    """The earlier trial's value of `metric`: see the module's docstring."""
+    if o.metric == metric:
+        return lambda t: t.value
+    from study.tracking.store import study_runs
+
+    runs = [r for r in study_runs(o.resolved_tracking_uri, o.name) if r.status == "FINISHED"]
+
+    def value(t: EarlierTrial) -> float | None:
+        run = next((r for r in runs if all(r.params.get(k) == str(v) for k, v in t.params.items())), None)
+        return run.metrics.get(metric) if run is not None else None
+    return value
+
+
+def seed(s: StudyConfig, space: SearchSpace) -> int:
+    """Create the new study's Optuna record holding the earlier studies' trials that fit
+    `space` and have a finite value; prints one line with how many came from where and which
+    were left out. Returns the number added."""
+    from study.space import add_warm_trials, finished_trials, fits
+
+    picked, counts, left = [], {}, []
+    for other in s.warm_start:
+        o = studydir.read_study(s.root, other).current
+        value = _value_of(o, s.metric)
+        counts[other] = 0
+        for t in finished_trials(o.study_dir, other):
+            v = value(t) if fits(space, t.params) else None
+            if v is None or not math.isfinite(v):
+                left.append(f"{other}#{t.number}")
+                continue
+            picked.append((t, v))
+            counts[other] += 1
+    n = add_warm_trials(s.study_dir, s.name, s.mode, space, picked)
+    rest = (f"; {len(left)} left out (outside this space, or no finite {s.metric}): {', '.join(left)}"
+            if left else "; none left out")
+    print(f"warm start: {n} earlier trials ({', '.join(f'{k} {c}' for k, c in counts.items())}) "
+          f"added to the sampler's record{rest}", flush=True)
+    return n
