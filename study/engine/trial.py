@@ -174,8 +174,7 @@ class Trial:
         for pack in self.packs:
             if index in pack.index:
                 k = pack.index.index(index)
-                a, ema = pack.autostop, pack.ema[k:k + 1] / self.ema_norm
-                return torch.where(a.iteration[k] > 0, a.ema[k:k + 1], ema)
+                return pack.autostop.output(pack.ema / self.ema_norm)[k:k + 1]
         raise IndexError(index)
 
     def all_stopped(self) -> bool:
