@@ -24,8 +24,11 @@ browser:
 run: $(STAMP)
 	$(PY) run_study.py
 
+# Two workers (pytest-xdist): most of an end-to-end test is waiting (Ray starting, a
+# server away, a trial paused), so two share 2 cores well; tests/conftest.py keeps each
+# module on one worker and the multi-node clusters on one. `pytest -n 0` runs it serially.
 test: $(STAMP) browser
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra -n 2
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not slow"

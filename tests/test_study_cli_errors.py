@@ -1,11 +1,16 @@
 """Bad study arguments: one clear sentence, exit 2, and nothing written."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 
 import run_study
 from study.cli.main import make_parser
-from studyutil import TINY, cli
+from studyutil import ROOT, TINY, cli, env
 
 BASE = ["--num-samples", "2", *TINY]
 
@@ -106,10 +111,17 @@ def test_export_unknown_study(capsys, tmp_path):
     assert code == 2 and "no study 'nope'" in capsys.readouterr().err
 
 
-def test_address_auto_without_a_cluster_is_refused(capsys, tmp_path):
-    code, err = _run(capsys, tmp_path / "root", *BASE, "--address", "auto")
-    assert code == 2 and "cannot connect to the Ray cluster at 'auto'" in err, err
-    assert not (tmp_path / "root").exists()
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root and unshare: a PID namespace hides the machine's other Rays")
+def test_address_auto_without_a_cluster_is_refused(tmp_path):
+    """`auto` joins any Ray it finds among the machine's processes (Ray's legacy rule): the
+    command runs in a PID namespace of its own, a machine with no Ray whatever else runs."""
+    root = tmp_path / "root"
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "run_study.py", "run",
+                        "--name", "s", "--root", str(root), *BASE, "--address", "auto"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=env())
+    assert r.returncode == 2 and "cannot connect to the Ray cluster at 'auto'" in r.stderr, r.stderr
+    assert not root.exists()
 
 
 def test_study_flags_show_their_real_defaults():
