@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from study.modes import DDPM_MODES, NOISE_MODES, NoiseMode, mode_uses
+from study.objectives import METRICS, OBJECTIVE_METRICS, check_objectives, parse_objective, split
 from study.paths import JsonObject
 
 Task = Literal["denoise", "inpaint", "sr", "reconstruct"]
@@ -257,12 +258,6 @@ def check_sure(task: str, mode: str) -> None:
                          f"the observation); allowed: noise_mode {', '.join(DDPM_MODES)} (or loss mse / l1)")
 
 
-METRICS: dict[str, str] = {  # study objective -> Tune mode
-    "psnr_ema": "max", "psnr": "max", "ssim_ema": "max", "ssim": "max",
-    "psnr_best": "max", "loss": "min",
-    # no-reference: the output ES-WMV picks (study/engine/autostop.py)
-    "psnr_autostop": "max", "ssim_autostop": "max",
-}
 SCHEDULERS: tuple[str, ...] = ("asha", "median", "fifo")
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -274,6 +269,7 @@ class StudyConfig:
     trial: TrialConfig = field(default_factory=TrialConfig)  # base config; the space overrides it
     num_samples: int = 8               # trials in the study
     metric: str = "psnr_ema"           # objective, at each trial's last report
+    objectives: tuple[str, ...] = ()   # objectives, METRIC[:max|min] each (the first is metric); 2 or more: a Pareto front, scheduler fifo
     scheduler: str = "asha"            # early stopping: asha, median (stopping rule) or fifo (none)
     grace_period: int = 0              # iterations before a trial may be stopped (0: iterations // 4)
     reduction_factor: int = 3          # ASHA: keep 1 / reduction_factor of trials at each rung
@@ -296,11 +292,22 @@ class StudyConfig:
             object.__setattr__(self, "trial", TrialConfig.from_dict(self.trial))
         if isinstance(self.warm_start, list):  # from JSON or a repeated flag
             object.__setattr__(self, "warm_start", tuple(self.warm_start))
+        if isinstance(self.objectives, (list, tuple)):  # from JSON or a repeated flag: normalized
+            object.__setattr__(self, "objectives", tuple(parse_objective(o) for o in self.objectives))
         validate_study(self)
 
     @property
     def mode(self) -> str:
-        return METRICS[self.metric]
+        return self.objective_list[0][1] if self.objectives else METRICS[self.metric]
+
+    @property
+    def objective_list(self) -> list[tuple[str, str]]:
+        """(metric, direction) per objective: [(metric, mode)] for a study of one."""
+        return [split(o) for o in self.objectives] or [(self.metric, METRICS[self.metric])]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     @property
     def study_dir(self) -> Path:
@@ -357,8 +364,11 @@ def validate_study(s: StudyConfig) -> None:
     if not isinstance(s.root, str) or not os.path.isabs(s.root):
         raise ValueError(f"root {s.root!r} must be an absolute path")
     _number("num_samples", s.num_samples, int, 1, 1_000_000)
-    _choice("metric", s.metric, tuple(METRICS))
+    _choice("metric", s.metric, tuple(OBJECTIVE_METRICS if s.objectives else METRICS))
     _choice("scheduler", s.scheduler, SCHEDULERS)
+    if not isinstance(s.objectives, tuple):
+        raise ValueError(f"objectives must be a list of METRIC[:max|min], got {s.objectives!r}")
+    check_objectives(s.objectives, s.metric, s.scheduler)
     _number("grace_period", s.grace_period, int, 0, 10_000_000)
     _number("reduction_factor", s.reduction_factor, int, 2, 100)
     _number("max_concurrent", s.max_concurrent, int, 0, 100_000)

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from study import pareto
 from study.config import StudyConfig
-from study.paths import write_json
+from study.paths import JsonObject, write_json
 from study.results import BestTrial
 
 if TYPE_CHECKING:  # mlflow is slow to import
@@ -35,8 +36,32 @@ def pick_best(trials: Sequence[TrialSummary], metric: str, mode: str) -> TrialSu
     return None
 
 
-def best_trial(tracker: StudyTracker, s: StudyConfig) -> BestTrial | None:
-    best = pick_best(tracker.trial_summaries(), s.metric, s.mode)
+def pick_member(trials: Sequence[TrialSummary], s: StudyConfig, choice: str | None = None
+                ) -> tuple[TrialSummary, JsonObject] | None:
+    """A multi-objective study's choice: the Pareto front's member best on the first
+    objective, or the one `choice` names (`export --pick`); with best.json's extra fields."""
+    objectives = s.objective_list
+    members = pareto.front(trials, objectives)
+    if not members:
+        return None
+    chosen = members[0] if choice is None else pareto.pick(trials, members, choice)
+    return chosen, {"objectives": tuple({"metric": m, "mode": d, "value": chosen.metrics[m]} for m, d in objectives),
+                    "front_size": len(members), "picked": pareto.why_picked(members, chosen, choice, objectives)}
+
+
+def best_trial(tracker: StudyTracker, s: StudyConfig, choice: str | None = None) -> BestTrial | None:
+    """The study's best trial (pick_best); with several objectives the front's member best on
+    the first objective, or the one `choice` names."""
+    if choice is not None and not s.multi_objective:
+        raise ValueError(f"--pick {choice} chooses on a Pareto front, but study {s.name!r} has one "
+                         f"objective ({s.metric}); allowed: export without --pick")
+    trials = tracker.trial_summaries()
+    extra: JsonObject = {}
+    if s.multi_objective:
+        found = pick_member(trials, s, choice)
+        best, extra = found if found is not None else (None, {})
+    else:
+        best = pick_best(trials, s.metric, s.mode)
     if best is None:
         return None
     return BestTrial(
@@ -44,7 +69,7 @@ def best_trial(tracker: StudyTracker, s: StudyConfig) -> BestTrial | None:
         trial_id=best.trial_id, mlflow_run_id=best.run_id, completed=best.completed,
         tracking_uri=s.resolved_tracking_uri, metrics=best.metrics,
         config=tracker.load_dict(best.run_id, "config.json"),
-        exported_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        exported_at=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
 
 
 def write(best: BestTrial, path: Path) -> None:

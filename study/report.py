@@ -15,7 +15,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import matplotlib.ticker
@@ -26,9 +26,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from study.config import StudyConfig, TrialConfig  # noqa: E402
 from study.modes import DDPM_MODES, NOISE_MODES  # noqa: E402
 from study.report_images import ImageFacts, best_grid, best_output, image_facts  # noqa: E402
+from study.report_pareto import pareto_section  # noqa: E402
 from study.report_tables import (AUTOSTOP, HONEST, ORACLE, TrialRow, fmt, image_key,  # noqa: E402
                                  mode_section, table, three_section, trial_rows, trials_appendix)
 from study.space import optuna_figures, warm_start_counts  # noqa: E402
+
+if TYPE_CHECKING:  # mlflow is slow to import
+    from study.tracking.store import TrialSummary
 
 # --- figures ---
 
@@ -54,7 +58,8 @@ def _draw_scatter(pts: list[TrialRow], x: str, metric: str, path: Path, log: boo
     if log:  # the minor ticks' labels overlap on a range of one or two decades
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("DDPM timestep t" if x == "timestep" else "learning rate")
-    ax.set_ylabel(f"{metric} at the trial's last report (dB)")
+    unit = " (dB)" if metric.split("/")[0].startswith("psnr") else ""
+    ax.set_ylabel(f"{metric} at the trial's last report{unit}")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -165,16 +170,17 @@ def _best_section(best: TrialRow | None, s: StudyConfig, searched: list[str]) ->
             "so no method can claim it; it is the ceiling early stopping could reach).")
 
 
-def _pick_best(rows: list[TrialRow], s: StudyConfig) -> TrialRow | None:
-    """The same choice as `export` (study/export.py pick_best)."""
-    from study.export import pick_best
-    from study.tracking.store import TrialSummary
+def _pick_best(rows: list[TrialRow], s: StudyConfig, runs: list[TrialSummary]) -> TrialRow | None:
+    """The same choice as `export`, on the same records: pick_best over the trials as `runs`
+    summarises them (with several objectives the Pareto front's row 1)."""
+    from study.export import pick_best, pick_member
 
-    trials = [TrialSummary(run_id=r.run_id, name=r.name, trial_id="", completed=r.state == "completed",
-                           status="FAILED" if r.state == "failed" else "FINISHED", params={},
-                           metrics=r.metrics, tags={}, start=0.0, end=0.0) for r in rows]
-    chosen = pick_best(trials, s.metric, s.mode)
-    return next(r for r in rows if r.run_id == chosen.run_id) if chosen else None
+    if s.multi_objective:
+        found = pick_member(runs, s)
+        chosen = found[0] if found else None
+    else:
+        chosen = pick_best(runs, s.metric, s.mode)
+    return next((r for r in rows if r.run_id == chosen.run_id), None) if chosen else None
 
 
 def _figures(rows: list[TrialRow], facts: list[ImageFacts], s: StudyConfig, out: Path) -> list[str]:
@@ -214,7 +220,8 @@ def _header(s: StudyConfig, rows: list[TrialRow], meta: Any, searched: list[str]
             f"; images: {', '.join(t.images)} at {t.size} px; {net}; {t.iterations} iterations; "
             f"{getattr(t, 'repeats', 1)} repeat(s) (seeds) per image.\n"
             f"- Searched: {', '.join(f'`{k}`' for k in searched)}; {len(rows)} trials "
-            f"({s.num_samples} asked), objective `{s.metric}` ({s.mode}), scheduler {s.scheduler}.\n"
+            f"({s.num_samples} asked), objective{'s' if s.multi_objective else ''} "
+            f"{', '.join(f'`{m}` ({d})' for m, d in s.objective_list)}, scheduler {s.scheduler}.\n"
             + _warm_start_line(s) +
             f"- `{HONEST}`: PSNR of the output average at the trial's last report (the honest number). "
             f"`{AUTOSTOP}`: PSNR of the output the no-reference rule ES-WMV picks (window {t.window}, "
@@ -243,17 +250,18 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
     out.mkdir(parents=True, exist_ok=True)
     searched = list(meta.space)
     facts = image_facts(s.trial, baseline)
-    best = _pick_best(rows, s)
+    best = _pick_best(rows, s, runs)
     labels = [f.label for f in facts]
     if best is not None:
         outputs = [best_output(s.resolved_tracking_uri, best.run_id, lb, len(labels) > 1) for lb in labels]
         best_grid(facts, outputs, out / "best_outputs.png")
     image_table, per_mode = _image_section(rows, facts, s.trial)
-    optuna_figs = optuna_figures(s.study_dir, s.name, out)
+    optuna_figs = optuna_figures(s.study_dir, s.name, out, s.metric)
     bl = {"denoise": "BM3D (PyPI `bm3d`, sigma given)", "sr": "bicubic upsampling"}.get(s.trial.task)
     parts = [
         _header(s, rows, meta, searched),
         "## The answer\n", _headline(rows, facts, s, best) + "\n", _best_section(best, s, searched) + "\n", _darkness_sentence(rows, facts) + "\n",
+        pareto_section(runs, rows, s, searched, out),
         "## Per input mode\n", mode_section(rows, s.metric) + "\n",
         "Honest final, honest autostop and oracle best, per input mode and per image:\n",
         three_section(rows, facts) + "\n", *[f + "\n" for f in _figures(rows, facts, s, out)],
@@ -273,7 +281,7 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
     parts.append("## Optuna's view\n")
     parts += [f"![{t}]({f})\n" if f else f"- {t}\n" for f, t in optuna_figs] or \
         ["No Optuna record (ROOT/NAME/optuna.db) for this study.\n"]
-    parts.append(trials_appendix(rows, s.metric, s.trial, searched))
+    parts.append(trials_appendix(rows, s.metric, s.trial, searched, s.mode))
     path = out / "report.md"
     path.write_text("\n".join(parts))
     if log:

@@ -127,15 +127,24 @@ def image_key(metric: str, label: str, labels: list[str]) -> str:
     return f"{metric}/{label}" if len(labels) > 1 else metric
 
 
-def trials_appendix(rows: list[TrialRow], metric: str, base: TrialConfig, searched: list[str]) -> str:
+def trials_appendix(rows: list[TrialRow], metric: str, base: TrialConfig, searched: list[str],
+                    mode: str = "max") -> str:
+    """Every trial, best first on `metric` in its direction `mode`; those without it last."""
     keys = list(dict.fromkeys([metric, HONEST, AUTOSTOP, ORACLE]))
-    body = [[r.name, f"`{_tries(r, base, searched)}`", r.state, str(r.iteration), *[fmt(r.value(k)) for k in keys]]
-            for r in sorted(rows, key=lambda r: -(r.value(metric) or -math.inf))]
+    sign = 1 if mode == "max" else -1
+
+    def order(r: TrialRow) -> float:
+        v = r.value(metric)
+        return -sign * v if v is not None and math.isfinite(v) else math.inf
+
+    body = [[r.name, f"`{tries(r, base, searched)}`", r.state, str(r.iteration), *[fmt(r.value(k)) for k in keys]]
+            for r in sorted(rows, key=order)]
     head = ["run", "what it tries", "state", "iterations", *[f"{k} (oracle)" if k == ORACLE else k for k in keys]]
     return "## Every trial\n\n" + table(head, body) + "\n"
 
 
-def _tries(r: TrialRow, base: TrialConfig, searched: list[str]) -> str:
+def tries(r: TrialRow, base: TrialConfig, searched: list[str]) -> str:
+    """What the trial tries (its searched values its mode uses), as its run name says it."""
 
     cfg = base.replace(noise_mode=r.mode, lr=r.lr, **({"timestep": r.timestep} if r.timestep is not None else {}),
                        **({"loss": r.loss} if r.loss in ("mse", "l1") or r.mode in DDPM_MODES else {}))

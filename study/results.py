@@ -51,6 +51,16 @@ class BestTrial:
     metrics: dict[str, float]    # every metric of the trial's last report
     config: JsonObject           # the trial's complete TrialConfig (to_dict)
     exported_at: str             # local time of the export
+    # Several objectives only (a study of one keeps the fields above alone):
+    objectives: tuple[JsonObject, ...] = ()  # {metric, mode, value} per objective, the first `metric`
+    front_size: int = 0          # trials on the Pareto front (study/pareto.py)
+    picked: str = ""             # which member of the front and why
 
     def to_dict(self) -> JsonObject:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.objectives:
+            for k in ("objectives", "front_size", "picked"):
+                d.pop(k)
+        else:
+            d["objectives"] = list(self.objectives)
+        return d

@@ -58,7 +58,8 @@ def _context(s: StudyConfig, experiment_id: str, parent: str) -> StudyContext:
     rl.start_relay(s.name, s.spool_dir, s.resolved_tracking_uri)
     return trainable.StudyContext(
         study=s.name, base=s.trial.to_dict(), experiment_id=experiment_id, parent_run_id=parent,
-        relay=rl.relay_name(s.name), metric=s.metric, image_every=s.image_every,
+        relay=rl.relay_name(s.name), metric=s.metric, objectives=tuple(m for m, _ in s.objective_list),
+        image_every=s.image_every,
         checkpoint_every=s.resolved_checkpoint_every, threads=max(1, int(s.cpus_per_trial)))
 
 
@@ -200,6 +201,10 @@ def _print_done(s: StudyConfig, best: BestTrial | None, summary: FitSummary,
     cfg = best.config
     shown = ", ".join(f"{k} {_fmt(cfg[k])}" for k in searched if k in cfg
                       and mode_uses(k, cfg["noise_mode"]))
+    if best.objectives:
+        goals = ", ".join(f"{o['metric']} {o['mode']}" for o in best.objectives)
+        print(f"Pareto front: {best.front_size} of {summary.ended} trials ({goals}); exported: {best.picked}")
+        shown += "; " + ", ".join(f"{o['metric']} = {o['value']:.4g}" for o in best.objectives[1:])
     print(f"best trial {best.trial_id}: {s.metric} = {best.value:.4f}  ({shown})")
     print(f"best configuration exported to {s.study_dir / 'best.json'}")
     print(f"replay it:       {command('train', '--config', str(s.study_dir / 'best.json'))}")
@@ -207,10 +212,12 @@ def _print_done(s: StudyConfig, best: BestTrial | None, summary: FitSummary,
     print(f"open the MLflow UI: {ui}", flush=True)
 
 
-def export_study(root: str, name: str, out: Path) -> BestTrial:
+def export_study(root: str, name: str, out: Path, pick: str | None = None) -> BestTrial:
+    """The best trial (or, with several objectives, the Pareto front's member `pick` names)
+    written to `out`; nothing is written when it is refused."""
     s = read_study(root, name).study
     _tracking().check_tracking_uri(s.resolved_tracking_uri)
-    best = export.best_trial(_tracker(s), s)
+    best = export.best_trial(_tracker(s), s, pick)
     if best is None:
         raise ValueError(f"study {name!r} has no trial that reported {s.metric} yet; nothing to export")
     export.write(best, out)

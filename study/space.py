@@ -193,7 +193,8 @@ def load_space(path: str | None, base: TrialConfig) -> SearchSpace:
 
 
 def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
-    """TPE, seeded, so a study's proposals repeat for the same seed."""
+    """TPE, seeded, so a study's proposals repeat for the same seed. TPE is also Optuna 5's
+    default sampler for several objectives (MOTPE): one sampler for both kinds of study."""
     return optuna.samplers.TPESampler(seed=seed)
 
 
@@ -229,7 +230,8 @@ def tried_modes(study_dir: str | Path, name: str) -> set[str]:
             for t in trials} - {None}
 
 
-def optuna_figures(study_dir: str | Path, name: str, out: Path) -> list[tuple[str, str]]:
+def optuna_figures(study_dir: str | Path, name: str, out: Path,
+                   first_name: str = "Objective Value") -> list[tuple[str, str]]:
     """Optuna's own view of the study (optimisation history, importances, slices) as PNGs
     under `out`, for the report: (file name, title) per plot, or ("", why not drawn); none
     if the study has no Optuna record. The caller picks the matplotlib backend."""
@@ -239,6 +241,8 @@ def optuna_figures(study_dir: str | Path, name: str, out: Path) -> list[tuple[st
     study = load_optuna_study(study_dir, name)
     if study is None:
         return []
+    # Several objectives: Optuna plots one, the first (the report draws the front itself).
+    first = {"target": lambda t: t.values[0], "target_name": first_name} if len(study.directions) > 1 else {}
     made = []
     for fname, title, plot in (("optuna_history.png", "optimisation history", ovm.plot_optimization_history),
                                ("optuna_importances.png", "parameter importances", ovm.plot_param_importances),
@@ -246,7 +250,7 @@ def optuna_figures(study_dir: str | Path, name: str, out: Path) -> list[tuple[st
         try:
             with warnings.catch_warnings():  # "experimental" since optuna 2.2; tight_layout notes
                 warnings.simplefilter("ignore")
-                ax = plot(study)
+                ax = plot(study, **first)
         except (ValueError, RuntimeError) as e:  # e.g. too few finished trials
             made.append(("", f"{title}: not drawn ({e})"))
             continue
@@ -273,16 +277,21 @@ class EarlierTrial:
     study: str
     number: int                  # its number in that study's record
     params: JsonObject       # what the sampler proposed (fixed values are not in it)
-    value: float                 # that study's objective
+    values: tuple[float, ...]    # that study's objectives, in its order
+
+    @property
+    def value(self) -> float:
+        """Its first objective's value (the only one of a single-objective study)."""
+        return self.values[0]
 
 
 def finished_trials(study_dir: str | Path, name: str) -> list[EarlierTrial]:
     """The study's own COMPLETE trials (not those it was warm-started with itself: name that
-    study to start from them), single-objective; none without a record."""
+    study to start from them), with every objective's value; none without a record."""
     study = load_optuna_study(study_dir, name)
     trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if study else []
-    return [EarlierTrial(name, t.number, dict(t.params), t.value) for t in trials
-            if WARM_START_ATTR not in t.user_attrs and t.values and len(t.values) == 1]
+    return [EarlierTrial(name, t.number, dict(t.params), tuple(t.values)) for t in trials
+            if WARM_START_ATTR not in t.user_attrs and t.values]
 
 
 def fits(space: SearchSpace, params: JsonObject) -> bool:
@@ -303,18 +312,20 @@ def fits(space: SearchSpace, params: JsonObject) -> bool:
     return asked == set(params)
 
 
-def add_warm_trials(study_dir: str | Path, name: str, mode: str, space: SearchSpace,
-                    trials: list[tuple[EarlierTrial, float]]) -> int:
-    """Create study `name`'s Optuna record (ROOT/NAME/optuna.db, direction from `mode`,
-    "max" or "min") holding each (earlier trial, value) as a COMPLETE trial with the new
-    space's distributions, marked WARM_START_ATTR; OptunaSearch then loads it. Returns the
-    number added."""
+def add_warm_trials(study_dir: str | Path, name: str, mode: str | list[str], space: SearchSpace,
+                    trials: list[tuple[EarlierTrial, float | list[float]]]) -> int:
+    """Create study `name`'s Optuna record (ROOT/NAME/optuna.db, a direction per objective
+    from `mode`, "max" or "min" or a list of them) holding each (earlier trial, value or
+    values) as a COMPLETE trial with the new space's distributions, marked WARM_START_ATTR;
+    OptunaSearch then loads it. Returns the number added."""
     Path(study_dir).mkdir(parents=True, exist_ok=True)
+    modes = [mode] if isinstance(mode, str) else list(mode)
     study = optuna.create_study(storage=make_storage(Path(study_dir) / OPTUNA_DB), study_name=name,
-                                direction="maximize" if mode == "max" else "minimize")
+                                directions=["maximize" if m == "max" else "minimize" for m in modes])
     dists = {p.name: p.distribution() for p in space.params if p.kind != "fixed"}
     study.add_trials([optuna.trial.create_trial(
-        params=t.params, distributions={k: dists[k] for k in t.params}, value=value,
+        params=t.params, distributions={k: dists[k] for k in t.params},
+        values=[value] if isinstance(value, (int, float)) else list(value),
         user_attrs={WARM_START_ATTR: t.study, "warm_start_number": t.number}) for t, value in trials])
     return len(trials)
 

@@ -6,10 +6,11 @@ so TPE conditions on them from the first proposal. They are not trials of the ne
 it has no Tune trial or MLflow run of them, its trial numbers and counts are its own, and
 `extend` (which never comes here) keeps them as they are.
 
-The value Optuna gets is the earlier trial's value of the new study's metric: its Optuna
-value when both studies optimise the same metric (exactly what that study's sampler saw),
-else the metric's last value in its MLflow child run (the trial's last report, the same
-rule as an Optuna value), found by its searched params.
+The values Optuna gets are the earlier trial's values of the new study's objectives (one,
+or several: study/objectives.py), each its Optuna value when the earlier study optimised
+that metric too (exactly what that study's sampler saw), else the metric's last value in
+its MLflow child run (the trial's last report, the same rule as an Optuna value), found by
+its searched params. A trial lacking one of them is left out.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 from study import studydir
 from study.config import StudyConfig
+from study.objectives import objectives_text
 
 if TYPE_CHECKING:
     from study.space import EarlierTrial, SearchSpace
@@ -36,8 +38,10 @@ def check(s: StudyConfig) -> list[str]:
             raise ValueError(f"no study {other!r} to warm-start from under {s.root!r}; "
                              f"studies there: {', '.join(names) or 'none'}")
         o = studydir.read_study(s.root, other).current
+        several = o.multi_objective or s.multi_objective
         diff = [f"{what} is {a} (this study's: {b})" for what, a, b in (
-            ("objective", o.metric, s.metric), ("task", o.trial.task, s.trial.task),
+            ("objectives" if several else "objective", objectives_text(o.objective_list),
+             objectives_text(s.objective_list)), ("task", o.trial.task, s.trial.task),
             ("image set", ", ".join(o.trial.images), ", ".join(s.trial.images))) if a != b]
         if diff:
             warnings.append(f"warning: warm start from study {other!r}, whose {'; '.join(diff)}: "
@@ -47,8 +51,10 @@ def check(s: StudyConfig) -> list[str]:
 
 def _value_of(o: StudyConfig, metric: str) -> Callable[[EarlierTrial], float | None]:
     """The earlier trial's value of `metric`: see the module's docstring."""
-    if o.metric == metric:
-        return lambda t: t.value
+    theirs = [m for m, _ in o.objective_list]
+    if metric in theirs:
+        i = theirs.index(metric)
+        return lambda t: t.values[i] if i < len(t.values) else None
     from study.tracking.store import study_runs
 
     runs = [r for r in study_runs(o.resolved_tracking_uri, o.name) if r.status == "FINISHED"]
@@ -57,6 +63,16 @@ def _value_of(o: StudyConfig, metric: str) -> Callable[[EarlierTrial], float | N
         run = next((r for r in runs if all(r.params.get(k) == str(v) for k, v in t.params.items())), None)
         return run.metrics.get(metric) if run is not None else None
     return value
+
+
+def _values_of(o: StudyConfig, s: StudyConfig) -> Callable[[EarlierTrial], list[float] | None]:
+    """The earlier trial's values of `s`'s objectives, or None if one is missing or not finite."""
+    each = [_value_of(o, m) for m, _ in s.objective_list]
+
+    def values(t: EarlierTrial) -> list[float] | None:
+        got = [v(t) for v in each]
+        return got if all(x is not None and math.isfinite(x) for x in got) else None
+    return values
 
 
 def seed(s: StudyConfig, space: SearchSpace) -> int:
@@ -68,17 +84,18 @@ def seed(s: StudyConfig, space: SearchSpace) -> int:
     picked, counts, left = [], {}, []
     for other in s.warm_start:
         o = studydir.read_study(s.root, other).current
-        value = _value_of(o, s.metric)
+        values = _values_of(o, s)
         counts[other] = 0
         for t in finished_trials(o.study_dir, other):
-            v = value(t) if fits(space, t.params) else None
-            if v is None or not math.isfinite(v):
+            v = values(t) if fits(space, t.params) else None
+            if v is None:
                 left.append(f"{other}#{t.number}")
                 continue
-            picked.append((t, v))
+            picked.append((t, v if s.multi_objective else v[0]))
             counts[other] += 1
-    n = add_warm_trials(s.study_dir, s.name, s.mode, space, picked)
-    rest = (f"; {len(left)} left out (outside this space, or no finite {s.metric}): {', '.join(left)}"
+    n = add_warm_trials(s.study_dir, s.name, [d for _, d in s.objective_list], space, picked)
+    wanted = " and ".join(m for m, _ in s.objective_list)
+    rest = (f"; {len(left)} left out (outside this space, or no finite {wanted}): {', '.join(left)}"
             if left else "; none left out")
     print(f"warm start: {n} earlier trials ({', '.join(f'{k} {c}' for k, c in counts.items())}) "
           f"added to the sampler's record{rest}", flush=True)

@@ -128,3 +128,22 @@ def test_report_refuses_an_unknown_study_in_one_sentence(tmp_path):
     r = subprocess.run([sys.executable, "run_study.py", "report", "nope", "--root", str(tmp_path)],
                        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no study 'nope'" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_every_trial_table_is_best_first_in_the_objectives_direction():
+    """A minimised objective (loss, seconds) lists its smallest value first; trials without
+    it come last either way."""
+    from study.config import TrialConfig
+    from study.report_tables import TrialRow, trials_appendix
+
+    def row(name: str, **m: float) -> TrialRow:
+        return TrialRow(name, name, "completed", "uniform", None, 0.01, 40, m)
+
+    rows = [row("a", loss=0.3), row("b", loss=0.1), row("c"), row("d", loss=0.2)]
+
+    def order(mode: str) -> list[str]:
+        text = trials_appendix(rows, "loss", TrialConfig(), [], mode)
+        return [line.split("|")[1].strip() for line in text.splitlines()[4:]]
+
+    assert order("min") == ["b", "d", "a", "c"]
+    assert order("max") == ["a", "d", "b", "c"]

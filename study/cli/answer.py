@@ -107,7 +107,6 @@ def study_link(base: str, experiment_id: str, metric: str, mode: str) -> str:
 
 def study_links(root: str, host: str, port: int, limit: int = 10) -> list[str]:
     """One line per study under `root` (the latest `limit`): its name and runs-table link."""
-    from study.config import METRICS
     from study.studydir import read_record, study_files
 
     lines = []
@@ -115,7 +114,7 @@ def study_links(root: str, host: str, port: int, limit: int = 10) -> list[str]:
         try:
             meta = read_record(path)
             metric = meta.study.metric
-            link = study_link(f"http://{host}:{port}", meta.experiment_id, metric, METRICS[metric])
+            link = study_link(f"http://{host}:{port}", meta.experiment_id, metric, meta.study.mode)
         except (OSError, ValueError, KeyError):
             continue  # a study.json being written, or of another format: no link
         lines.append(f"  {path.parent.name}: {link}")

@@ -56,5 +56,7 @@ def build_study(ns: argparse.Namespace) -> StudyConfig:
     trial = build_config(ns, base)
     trial = trial.replace(images=tuple(worker_path(i) for i in trial.images))
     d = {**study_overrides(ns), "root": root(ns)}
+    if d.get("objectives") and "metric" not in d:  # --metric is the first objective's
+        d["metric"] = d["objectives"][0].partition(":")[0]
     d.setdefault("name", f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     return StudyConfig(trial=trial, **d)

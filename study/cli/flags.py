@@ -65,7 +65,8 @@ def build_config(ns: argparse.Namespace, base: JsonObject | None = None) -> Tria
 # --- study flags, generated from StudyConfig like the trial flags above ---
 
 # Field -> flag where the spelling differs; `seed` seeds both Optuna and the trials.
-STUDY_FLAG_NAMES = {"space_file": "--space", "seed": "--seed"}
+STUDY_FLAG_NAMES = {"space_file": "--space", "seed": "--seed", "objectives": "--objective"}
+STUDY_METAVARS = {"objectives": "METRIC[:max|min]"}  # list settings' metavars (default NAME)
 STUDY_DESTS = {"seed": "study_seed"}
 # Not flags: the trial config has its own; name/root have defaults computed by the CLI.
 STUDY_SKIP = ("trial",)
@@ -74,7 +75,7 @@ STUDY_DEFAULT_TEXT = {"name": "demo-TIMESTAMP", "root": "./studies, made absolut
                       "storage": "ROOT/NAME/ray", "address": "local Ray",
                       "gpus_per_trial": "auto", "max_concurrent": "as many as fit",
                       "checkpoint_every": "about 10 per trial", "space_file": "the default space",
-                      "warm_start": "none"}
+                      "warm_start": "none", "objectives": "--metric alone"}
 
 
 def _field_comments(cls: type) -> dict[str, str]:
@@ -100,7 +101,8 @@ def add_study_flags(p: argparse.ArgumentParser) -> None:
         if hints[f.name] is bool:
             g.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=text)
         elif get_origin(hints[f.name]) is tuple:  # a list setting: the flag repeats
-            g.add_argument(flag, dest=dest, action="append", default=None, metavar="NAME",
+            g.add_argument(flag, dest=dest, action="append", default=None,
+                           metavar=STUDY_METAVARS.get(f.name, "NAME"),
                            help=text.replace("%", "%%") + " (repeatable)")
         else:
             g.add_argument(flag, dest=dest, type=hints[f.name], default=None,

@@ -190,12 +190,30 @@ def _tracking_uri(ns: argparse.Namespace, job: Job | None, name: str | None) -> 
 
 
 def _best(view: StudyView) -> tuple[TrialSummary, float] | None:
-    from study.config import METRICS
+    """pick_best; with several objectives the Pareto front's row 1 (what export writes)."""
     from study.export import pick_best
+    from study.objectives import from_params
+    from study.pareto import front
 
-    metric = view.params.get("metric", "psnr_ema")
-    best = pick_best(view.trials, metric, METRICS.get(metric, "max"))
-    return (best, best.metrics[metric]) if best else None
+    objectives = from_params(view.params)
+    if len(objectives) > 1:
+        best = next(iter(front(view.trials, objectives)), None)
+    else:
+        best = pick_best(view.trials, *objectives[0])
+    return (best, best.metrics[objectives[0][0]]) if best else None
+
+
+def _front_lines(view: StudyView) -> list[str]:
+    """Several objectives: the front's size and members, numbered as `export --pick N` takes them."""
+    from study.objectives import from_params
+    from study.pareto import front, front_lines, scored_count
+
+    objectives = from_params(view.params)
+    members = front(view.trials, objectives) if len(objectives) > 1 else None
+    return [] if members is None else [
+        f"Pareto front: {len(members)} of {scored_count(view.trials, objectives)} completed trials; "
+        "export --pick N writes row N:",
+        *["  " + x for x in front_lines(members, objectives, {t.run_id: _searched(view, t) for t in members})]]
 
 
 def _searched(view: StudyView, trial: TrialSummary) -> str:
@@ -241,6 +259,7 @@ def progress_lines(view: StudyView, now: float) -> list[str]:
     metric = view.params.get("metric", "psnr_ema")
     lines.append(f"best so far: {metric} = {best[1]:.4f}  {best[0].trial} ({_searched(view, best[0])})"
                  if best else f"best so far: no trial has reported {metric} yet")
+    lines += _front_lines(view)
     iterations = int(view.params.get("trial.iterations", 0))
     done = sum(int(t.metrics.get("iteration", 0)) for t in view.trials)
     elapsed = _busy(view.trials, now)

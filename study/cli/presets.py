@@ -25,7 +25,7 @@ PRESET_KEYS = ("description", "study", "trial", "space", "profiles")
 PROFILES = ("cpu", "gpu")
 # Preset `study` keys: the StudyConfig fields a preset may set (to the `run` parser's names
 # through flags.study_dest, the one owner of renames such as seed -> study_seed).
-STUDY_KEYS = ("name", "num_samples", "metric", "scheduler", "grace_period", "max_concurrent",
+STUDY_KEYS = ("name", "num_samples", "metric", "objectives", "scheduler", "grace_period", "max_concurrent",
               "cpus_per_trial", "gpus_per_trial", "image_every", "seed")
 
 
@@ -129,7 +129,10 @@ def apply_preset(ns: argparse.Namespace) -> argparse.Namespace:
     values = preset_values(preset, profile)
     in_config = set(load_config_file(ns.config)) if getattr(ns, "config", None) else set()
     out = argparse.Namespace(**vars(ns))
+    typed_objectives = getattr(ns, "objectives", None)
     for k, v in values.items():
+        if k == "metric" and typed_objectives:  # typed objectives replace the preset's metric
+            continue
         if getattr(out, k, None) is None and k not in in_config:
             setattr(out, k, tuple(v) if k == "images" else v)
     print(f"preset {preset.name} ({profile} profile): {preset.description}", flush=True)

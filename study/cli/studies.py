@@ -46,11 +46,11 @@ def cmd_export(ns: argparse.Namespace) -> int:
     try:
         out = Path(ns.out).absolute()
         check_writable(out.parent, "--out folder")
-        best = service.export_study(root(ns), ns.study, out)
+        best = service.export_study(root(ns), ns.study, out, ns.pick)
     except ValueError as e:
         return user_error(e)
     print(f"exported trial {best.trial_id} ({best.metric} = {best.value:.4f}, "
-          f"MLflow run {best.mlflow_run_id}) to {out}")
+          f"MLflow run {best.mlflow_run_id}) to {out}" + (f": {best.picked}" if best.picked else ""))
     return 0
 
 
@@ -82,6 +82,9 @@ def add_study_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("study", metavar="NAME")
     p.add_argument("--root", help="the study's root [./studies]")
     p.add_argument("--out", required=True, metavar="FILE.json", help="where to write it")
+    p.add_argument("--pick", metavar="RUN_NAME|N", help="several objectives: the Pareto front's member "
+                   "to write, by trial or run name or by its row N in the report's front table "
+                   "[the member best on the first objective]")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("ui", help="open the MLflow UI on a root's store")
     p.add_argument("--root", help="the root [./studies]")

@@ -42,6 +42,7 @@ class StudyContext:
     image_every: int
     checkpoint_every: int        # reports between checkpoints (resolved, >= 1)
     threads: int
+    objectives: tuple[str, ...] = ()  # every objective's metric (a failed trial reports each as NaN)
 
 
 # --- the trainable ---
@@ -191,4 +192,5 @@ def _fail(log: TrialLogger, sender: RelaySender, ctx: StudyContext, last: dict[s
     log.end("FAILED", reason)
     log.flush()
     sender.wait_all()
-    tune.report({ctx.metric: math.nan, "iteration": last.get("iteration", 0.0), ERROR_KEY: reason})
+    nan = {m: math.nan for m in (ctx.objectives or (ctx.metric,))}
+    tune.report({**nan, "iteration": last.get("iteration", 0.0), ERROR_KEY: reason})

@@ -185,7 +185,9 @@ def make_searcher(s: StudyConfig, space: SearchSpace) -> Searcher:
     from study.space import OPTUNA_DB, make_sampler, make_storage, tried_modes
 
     points = space.mode_points(s.num_samples, tried_modes(s.study_dir, s.name))
-    search = ResumableOptunaSearch(space=space, metric=s.metric, mode=s.mode, sampler=make_sampler(s.seed),
+    # Several objectives: lists, and Optuna's study gets one direction per objective.
+    metric, mode = (s.metric, s.mode) if not s.multi_objective else map(list, zip(*s.objective_list))
+    search = ResumableOptunaSearch(space=space, metric=metric, mode=mode, sampler=make_sampler(s.seed),
                                    storage=make_storage(s.study_dir / OPTUNA_DB), study_name=s.name,
                                    points_to_evaluate=points or None)
     return ConcurrencyLimiter(search, max_concurrent=s.max_concurrent) if s.max_concurrent else search
@@ -198,6 +200,8 @@ def build_tuner(s: StudyConfig, space: SearchSpace, ctx: StudyContext, gpus: flo
     search = make_searcher(s, space)
     return tune.Tuner(
         _trainable(s, ctx, gpus),
+        # With several objectives Tune's own metric is the first (its progress table and
+        # result grid take one); the searcher has them all, and the scheduler is fifo.
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search,
                                     scheduler=_scheduler(s), num_samples=s.num_samples,
                                     trial_name_creator=TrialName(first_trial),
