@@ -13,6 +13,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+import run_study
 from study.engine.apply import ApplyOptions, apply, padded_side, read_picture
 from study.engine.autostop import WindowVariance
 from study.config import TrialConfig
@@ -128,7 +129,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_cli_restores_and_refuses_bad_input_in_one_sentence(noisy_colour, tmp_path):
+def test_cli_restores_and_refuses_bad_input_in_one_sentence(noisy_colour, tmp_path, capsys):
     _, noisy = noisy_colour
     cfg = tmp_path / "best.json"
     cfg.write_text(json.dumps({"config": FAST.replace(iterations=20, report_every=10).to_dict()}))
@@ -144,11 +145,13 @@ def test_cli_restores_and_refuses_bad_input_in_one_sentence(noisy_colour, tmp_pa
         (["--image", str(noisy), "--sr-factor", "1", "--task", "sr"], "--sr-factor = 1"),
         (["--image", str(cfg)], "cannot read image"),
     ]
+    # The refusals through the CLI's main() in this process (no interpreter start-up each).
     for extra, words in bad:
         out2 = tmp_path / "never.png"
-        r = _cli("--config", str(cfg), "--out", str(out2), *extra)
-        assert r.returncode == 2 and words in r.stderr, (extra, r.stderr)
-        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+        code = run_study.main(["apply", "--config", str(cfg), "--out", str(out2), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and words in err, (extra, err)
+        assert err.count("\n") == 1 and "Traceback" not in err
         assert not out2.exists() and not out2.with_suffix(".json").exists()
-    r = _cli("--config", str(cfg), "--image", str(noisy), "--out", str(tmp_path / "x.bmp2"))
-    assert r.returncode == 2 and "--out" in r.stderr
+    code = run_study.main(["apply", "--config", str(cfg), "--image", str(noisy), "--out", str(tmp_path / "x.bmp2")])
+    assert code == 2 and "--out" in capsys.readouterr().err

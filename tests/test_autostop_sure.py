@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import run_study
 from study.config import TrialConfig
 from study.engine.autostop import AutoStop
 from study.engine.sure import sure_losses
@@ -132,12 +133,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     (["run", "--metric", "psnr_autostopp"], "unknown metric 'psnr_autostopp'"),
     (["run", "--loss", "sure", "--task", "inpaint"], "loss 'sure' needs a known noise sigma"),
 ])
-def test_bad_input_is_one_sentence_exit_2_nothing_written(tmp_path, args, words):
+def test_bad_input_is_one_sentence_exit_2_nothing_written(tmp_path, capsys, args, words):
     where = ["--out", str(tmp_path / "out")] if args[0] == "train" else \
         ["--root", str(tmp_path / "root"), "--name", "x"]
-    r = _cli(*args, *where)
-    assert r.returncode == 2 and words in r.stderr, r.stderr
-    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    code = run_study.main([*args, *where])  # the CLI's main() in this process
+    err = capsys.readouterr().err
+    assert code == 2 and words in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "root" / "x").exists()
 
 

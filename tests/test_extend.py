@@ -8,6 +8,7 @@ import shutil
 import optuna
 import pytest
 
+import run_study
 from studyutil import check_study, cli, read_json, study_runs
 
 FLAGS = ["--size", "32", "--scales", "2", "--channels", "8", "--iterations", "20",
@@ -79,16 +80,18 @@ def test_extend_a_finished_study(tmp_path):
     assert r.returncode == 0 and f"{n + more}/{n + more}" in r.stdout and "FINISHED" in r.stdout, r.stdout
 
 
-def test_extend_bad_input(tmp_path):
+def test_extend_bad_input(tmp_path, capsys):
+    """Refused in one sentence before Ray starts (the CLI's main() in this process)."""
+    def refused(*args: str) -> str:
+        assert run_study.main(list(args)) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        return err
+
     for args, words in ((["nope", "--num-samples", "2"], "no study 'nope'"),
                         (["nope", "--num-samples", "0"], "--num-samples 0"),
                         (["nope", "--num-samples", "-3"], "--num-samples -3")):
-        r = cli("extend", *args, "--root", str(tmp_path))
-        assert r.returncode == 2 and words in r.stderr, r.stderr
-        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = cli("extend", "x", "--num-samples", "2", "--root", "relative/dir")
-    assert r.returncode == 2 and "absolute" in r.stderr
-    r = cli("list", "--root", str(tmp_path / "none"))
-    assert r.returncode == 2 and "does not exist" in r.stderr
-    r = cli("status", "nope", "--root", str(tmp_path))
-    assert r.returncode == 2 and "no study 'nope'" in r.stderr
+        assert words in refused("extend", *args, "--root", str(tmp_path))
+    assert "absolute" in refused("extend", "x", "--num-samples", "2", "--root", "relative/dir")
+    assert "does not exist" in refused("list", "--root", str(tmp_path / "none"))
+    assert "no study 'nope'" in refused("status", "nope", "--root", str(tmp_path))

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
+import run_study
 from study import export, pareto, warmstart
 from study.config import StudyConfig, TrialConfig
 from study.objectives import parse_objective
@@ -257,10 +258,12 @@ def test_warm_start_gives_every_objective_and_leaves_out_trials_lacking_one(tmp_
      "unknown objective metric 'accuracy'"),
     (["--objective", "psnr_ema", "--objective", "seconds"], "scheduler 'asha' cannot run several objectives"),
 ])
-def test_cli_refuses_before_anything_is_written(tmp_path, args, words):
-    r = cli("run", "--name", "o", "--root", str(tmp_path / "root"), "--num-samples", "2", *TINY, *args)
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert words in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+def test_cli_refuses_before_anything_is_written(tmp_path, capsys, args, words):
+    code = run_study.main(["run", "--name", "o", "--root", str(tmp_path / "root"), "--num-samples", "2",
+                           *TINY, *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "root").exists()
 
 
@@ -283,7 +286,7 @@ def _front(root):
 
 
 @pytest.mark.slow
-def test_study_with_two_objectives_reports_exports_and_replays_its_front(mo_study, tmp_path):
+def test_study_with_two_objectives_reports_exports_and_replays_its_front(mo_study, tmp_path, capsys):
     root, p = mo_study
     trials, members = _front(root)
     best = read_json(root / "mo" / "best.json")
@@ -297,20 +300,25 @@ def test_study_with_two_objectives_reports_exports_and_replays_its_front(mo_stud
     assert "## Pareto front" in report and "(pareto_front.png)" in report
     assert (root / "mo" / "report" / "pareto_front.png").stat().st_size > 0
     assert f"| 1 | {members[0].trial} | `" in report and "| seconds (min) |" in report
-    # export --pick: another member by row, the first by its trial name.
+    # export --pick: another member by row, the first by its trial name (the CLI in this
+    # process: the same main() a shell runs, without an interpreter's start-up each time).
+    def export(choice: str, out: str) -> tuple[int, str]:
+        code = run_study.main(["export", "mo", "--root", str(root), "--out", str(tmp_path / out), "--pick", choice])
+        return code, capsys.readouterr().err
+
     if n >= 2:
-        e = cli("export", "mo", "--root", str(root), "--out", str(tmp_path / "two.json"), "--pick", "2")
-        assert e.returncode == 0, e.stderr
+        code, err = export("2", "two.json")
+        assert code == 0, err
         two = read_json(tmp_path / "two.json")
         assert two["mlflow_run_id"] == members[1].run_id != best["mlflow_run_id"]
         assert two["picked"].startswith(f"--pick 2 ({members[1].trial}, row 2 of {n}")
-    e = cli("export", "mo", "--root", str(root), "--out", str(tmp_path / "one.json"), "--pick", members[0].trial)
-    assert e.returncode == 0 and read_json(tmp_path / "one.json")["mlflow_run_id"] == best["mlflow_run_id"]
+    code, err = export(members[0].trial, "one.json")
+    assert code == 0 and read_json(tmp_path / "one.json")["mlflow_run_id"] == best["mlflow_run_id"], err
     off = [t.trial for t in trials if t not in members]
     for choice, words in ([str(n + 1), "is not a row of the Pareto front"], ["nosuch", "names no trial"],
                           *([[off[0], "not on its Pareto front"]] if off else [])):
-        e = cli("export", "mo", "--root", str(root), "--out", str(tmp_path / "bad.json"), "--pick", choice)
-        assert e.returncode == 2 and words in e.stderr and e.stderr.count("\n") == 1, e.stderr
+        code, err = export(choice, "bad.json")
+        assert code == 2 and words in err and err.count("\n") == 1, err
         assert not (tmp_path / "bad.json").exists()
     # The exported member replays its psnr_ema.
     r = cli("train", "--config", str(root / "mo" / "best.json"), "--out", str(tmp_path / "replay"), "--quiet")
@@ -319,7 +327,7 @@ def test_study_with_two_objectives_reports_exports_and_replays_its_front(mo_stud
     assert got["config"] == best["config"]
     assert got["psnr_ema"] == pytest.approx(best["metrics"]["psnr_ema"], abs=0.05)
     # status shows the front's size and its rows.
-    st = cli("status", "mo", "--root", str(root))
-    assert st.returncode == 0, st.stderr
-    assert f"Pareto front: {n} of 4 completed trials" in st.stdout
-    assert f"1. {members[0].trial}  psnr_ema" in st.stdout
+    assert run_study.main(["status", "mo", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"Pareto front: {n} of 4 completed trials" in out
+    assert f"1. {members[0].trial}  psnr_ema" in out

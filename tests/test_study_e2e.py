@@ -14,7 +14,8 @@ import optuna
 import pytest
 
 from faults import HOOK
-from studyutil import ROOT, TINY, best_child, check_study, cli, client, env, free_port, read_json, wait_http
+from studyutil import (ROOT, TINY, best_child, check_study, cli, client, env, free_port, read_json, study_runs,
+                       wait_http)
 
 pytestmark = pytest.mark.slow
 IMAGES = ("camera", "moon")  # two images per trial: the objective is their mean
@@ -34,9 +35,29 @@ def study(tmp_path_factory):
     # report: they must end FAILED with the reason, not be retried, and the study goes on.
     p = cli("run", "--name", "e2e", "--root", str(root), "--num-samples", "6", "--space",
             str(space), "--max-concurrent", "2", "--seed", "3", *TINY, "--image", *IMAGES,
-            DIP_FAULT_NAN_AT="5:0.02", **HOOK)
+            DIP_FAULT_NAN_AT="5:0.02", DIP_SYSMETRICS_EVERY="0.2", **HOOK)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return root, p
+
+
+def test_trial_runs_hold_system_metrics(study):
+    """With a sample every 0.2 s each trial run has its own system metrics, at 2 steps or more
+    in every trial that ran to its end (one ASHA stops at a rung may end before its second)."""
+    from test_sysmetrics import MACHINE
+
+    root, _ = study
+    c = client(f"sqlite:///{root}/mlflow.db")
+    parent, children = study_runs(f"sqlite:///{root}/mlflow.db", "e2e")
+    done = [r for r in children if r.data.tags.get("dip.completed") == "true"]
+    assert done
+    for r in done:
+        names = set(r.data.metrics)
+        assert MACHINE | {"trial/process_rss_megabytes"} <= names, sorted(names)
+        for key in (*MACHINE, "trial/process_rss_megabytes"):
+            hist = c.get_metric_history(r.info.run_id, key)
+            assert len({m.step for m in hist}) >= 2, (key, [(m.step, m.timestamp) for m in hist])
+            assert all(m.timestamp >= parent.info.start_time for m in hist)  # this study's
+        assert r.data.metrics["trial/networks"] == len(IMAGES) and r.data.metrics["trial/cpus"] >= 1
 
 
 def test_study_records_parent_children_metrics_images(study):

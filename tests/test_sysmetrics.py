@@ -2,7 +2,6 @@
 without a GPU and with one, its records, and a tiny study whose trial runs hold them."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch
 from study.engine import sysmetrics
 from study.engine.sysmetrics import Sample, SystemSampler, physical_gpu
 from study.tracking.records import SYSTEM_SERIES, TrialLogger, run_create_info
-from studyutil import TINY, cli, client, wait_until
+from studyutil import client, wait_until
 
 MACHINE = {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"}
 GPU = {"system/gpu_0_utilization_percentage", "system/gpu_0_memory_usage_megabytes",
@@ -111,25 +110,8 @@ def test_sampler_on_a_gpu_logs_the_trials_gpu():
     del x
 
 
-@pytest.mark.slow
-def test_trial_runs_hold_system_metrics(tmp_path):
-    """A tiny study with a sample every 0.2 s: each trial run has its own system metrics."""
-    t0 = time.time()
-    p = cli("run", "--name", "sysm", "--root", str(tmp_path), "--num-samples", "2", "--max-concurrent", "2",
-            "--scheduler", "fifo", *TINY, "--iterations", "200", DIP_SYSMETRICS_EVERY="0.2")
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    c = client(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = c.get_experiment_by_name("sysm")
-    runs = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("dip.role") == "trial"]
-    assert len(runs) == 2
-    for r in runs:
-        names = set(r.data.metrics)
-        assert MACHINE | {"trial/process_rss_megabytes"} <= names, sorted(names)
-        for key in (*MACHINE, "trial/process_rss_megabytes"):
-            hist = c.get_metric_history(r.info.run_id, key)
-            assert len({m.step for m in hist}) >= 2, (key, [(m.step, m.timestamp) for m in hist])
-            assert all(m.timestamp >= t0 * 1000 for m in hist)
-        assert r.data.metrics["trial/networks"] == 1 and r.data.metrics["trial/cpus"] >= 1
+# The end-to-end check (a study's trial runs hold their own system metrics) runs on
+# tests/test_study_e2e.py's study: test_trial_runs_hold_system_metrics.
 
 
 def test_report_gives_device_seconds_per_network():
@@ -148,3 +130,19 @@ def test_report_gives_device_seconds_per_network():
     table = _mode_section(gpu, "psnr_ema")
     assert "GPU-s per network" in table and table.splitlines()[-1].endswith("| 2.50 |")
     assert _mode_section([row("old", "completed", seconds=3.0)], "psnr_ema").endswith("| - |")
+
+
+def test_a_retry_goes_on_from_the_sample_count_its_checkpoint_saved(tmp_path):
+    """A checkpoint holds the sampler's next step, and a sampler started from it counts on:
+    a retried attempt's samples no longer start again at step 0 of its run."""
+    from study.cluster.trainable import CKPT_FILE, _save
+    from study.config import TrialConfig
+    from study.engine.trial import Trial
+
+    s = SystemSampler(torch.device("cpu"), every=60, first=7).start()
+    assert s.taken == 8  # its first sample is step 7
+    steps = [x.step for x in s.stop()]
+    assert steps == [7, 8] and s.taken == 9
+    trial = Trial(TrialConfig(size=16, scales=2, channels=4, iterations=2, report_every=1))
+    _save(trial, [], s.taken, str(tmp_path))
+    assert torch.load(tmp_path / CKPT_FILE, weights_only=True)["sysmetrics_step"] == 9

@@ -95,8 +95,9 @@ def _checkpoint_due(cfg: TrialConfig, trial: Trial, every: int) -> bool:
     return trial.ended or (trial.iteration // cfg.report_every) % every == 0
 
 
-def _save(trial: Trial, undelivered: list[JsonObject], d: str) -> tune.Checkpoint:
-    torch.save({**trial.state_dict(), "undelivered": undelivered}, Path(d) / CKPT_FILE)
+def _save(trial: Trial, undelivered: list[JsonObject], samples: int, d: str) -> tune.Checkpoint:
+    torch.save({**trial.state_dict(), "undelivered": undelivered, "sysmetrics_step": samples},
+               Path(d) / CKPT_FILE)
     return tune.Checkpoint.from_directory(d)
 
 
@@ -136,7 +137,8 @@ def _train(cfg: TrialConfig, ctx: StudyContext, log: TrialLogger, sender: RelayS
         log.log_dict(cfg.to_dict(), "config.json")
         log.log_metrics({**trial.observation_metrics(), **_share(trial), "iteration": 0}, 0)
         _log_images(log, trial, 0, final=False)
-    sampler = _sampler(trial)
+    # A retry's samples go on from the count its checkpoint saved, not from step 0 again.
+    sampler = _sampler(trial, int(state.get("sysmetrics_step", 0)) if state else 0)
     log.log_system_metrics(sampler.drain())
     log.flush()
 
@@ -163,7 +165,7 @@ def _train(cfg: TrialConfig, ctx: StudyContext, log: TrialLogger, sender: RelayS
             tune.report(m)
             return
         with tempfile.TemporaryDirectory() as d:
-            tune.report(m, checkpoint=_save(t, undelivered, d))
+            tune.report(m, checkpoint=_save(t, undelivered, sampler.taken, d))
 
     try:
         run_trial(cfg, report, state=state, trial=trial)
@@ -172,10 +174,11 @@ def _train(cfg: TrialConfig, ctx: StudyContext, log: TrialLogger, sender: RelayS
     hook("end", trial)
 
 
-def _sampler(trial: Trial) -> SystemSampler:
-    """System metrics every DIP_SYSMETRICS_EVERY seconds (default 5) in a daemon thread."""
+def _sampler(trial: Trial, first: int = 0) -> SystemSampler:
+    """System metrics every DIP_SYSMETRICS_EVERY seconds (default 5) in a daemon thread,
+    their steps counted from `first`."""
     every = float(os.environ.get("DIP_SYSMETRICS_EVERY", DEFAULT_EVERY))
-    return SystemSampler(trial.device, every, os.environ.get("CUDA_VISIBLE_DEVICES")).start()
+    return SystemSampler(trial.device, every, os.environ.get("CUDA_VISIBLE_DEVICES"), first).start()
 
 
 def _share(trial: Trial) -> dict[str, float]:

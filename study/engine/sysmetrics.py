@@ -77,16 +77,18 @@ def gpu_values(handle: Any) -> dict[str, float]:
 
 class SystemSampler:
     """Samples every `every` seconds from `start` (the first sample) to `stop` (the last);
-    `every` = 0 samples nothing (the overhead benchmark's baseline)."""
+    `every` = 0 samples nothing (the overhead benchmark's baseline). Steps count from
+    `first`: a retried attempt goes on from the count its checkpoint saved (`taken`)."""
 
-    def __init__(self, device: torch.device, every: float = DEFAULT_EVERY, visible: str | None = None):
+    def __init__(self, device: torch.device, every: float = DEFAULT_EVERY, visible: str | None = None,
+                 first: int = 0):
         if every < 0:
             raise ValueError(f"the system-metrics interval is seconds >= 0 (0: off), not {every}")
         self.device, self.every = device, every
         self.gpu = nvml_handle(device, visible) if every else None
         self.process = psutil.Process()
         self._samples: list[Sample] = []
-        self._count = 0
+        self._count = first
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dip-sysmetrics", daemon=True)
         psutil.cpu_percent(None)  # the first call only starts psutil's interval
@@ -121,6 +123,12 @@ class SystemSampler:
                 self.sample()
             except Exception as e:  # noqa: BLE001 - a failed sample must not end training
                 log.warning("system metrics sample failed: %s", e)
+
+    @property
+    def taken(self) -> int:
+        """The step the next sample gets."""
+        with self._lock:
+            return self._count
 
     def drain(self) -> list[Sample]:
         """The samples taken since the last drain (called from the training thread)."""
