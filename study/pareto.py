@@ -35,15 +35,19 @@ def front(trials: Sequence[TrialSummary], objectives: Objectives) -> list[TrialS
     """The non-dominated trials among the completed ones with every objective finite (equal
     values dominate neither: both stay), in row order: best on the first objective first,
     ties by the next objectives, then by trial id and run name (not by listing order)."""
-    scored = [(t, v) for t in trials if t.completed and (v := values(t, objectives)) is not None]
+    scored = [(t, v) for t in trials if (v := _scored_values(t, objectives)) is not None]
     members = [(t, v) for t, v in scored if not any(dominates(w, v, objectives) for _, w in scored)]
     members.sort(key=lambda tv: (tuple(-g for g in _gains(tv[1], objectives)), tv[0].trial_id, tv[0].name))
     return [t for t, _ in members]
 
 
-def scored_count(trials: Sequence[TrialSummary], objectives: Objectives) -> int:
+def _scored_values(t: TrialSummary, objectives: Objectives) -> tuple[float, ...] | None:
+    return values(t, objectives) if t.completed else None
+
+
+def scored(trials: Sequence[TrialSummary], objectives: Objectives) -> list[TrialSummary]:
     """Completed trials with every objective finite: those the front is chosen from."""
-    return sum(1 for t in trials if t.completed and values(t, objectives) is not None)
+    return [t for t in trials if _scored_values(t, objectives) is not None]
 
 
 def _names(t: TrialSummary) -> set[str]:

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from study.config import StudyConfig, TrialConfig  # noqa: E402
 from study.modes import DDPM_MODES, NOISE_MODES  # noqa: E402
-from study.report_images import ImageFacts, best_grid, best_output, image_facts  # noqa: E402
+from study.report_images import ImageFacts, best_grid, best_output, image_facts, save_figure  # noqa: E402
 from study.report_pareto import pareto_section  # noqa: E402
 from study.report_tables import (AUTOSTOP, HONEST, ORACLE, TrialRow, fmt, image_key,  # noqa: E402
                                  mode_section, table, three_section, trial_rows, trials_appendix)
@@ -60,11 +60,7 @@ def _draw_scatter(pts: list[TrialRow], x: str, metric: str, path: Path, log: boo
     ax.set_xlabel("DDPM timestep t" if x == "timestep" else "learning rate")
     unit = " (dB)" if metric.split("/")[0].startswith("psnr") else ""
     ax.set_ylabel(f"{metric} at the trial's last report{unit}")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 # --- sections ---

@@ -8,8 +8,13 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 from study.config import TrialConfig
 from study.engine import images as img
@@ -90,3 +95,14 @@ def best_output(uri: str, run_id: str, label: str, several: bool) -> torch.Tenso
     a = tracking.run_image(uri, run_id, f"{pre}output_ema")
     a = a if a is not None else tracking.run_image(uri, run_id, f"{pre}output")
     return None if a is None else torch.from_numpy(a.astype("float32") / 255.0).permute(2, 0, 1)[None]
+
+
+def save_figure(fig: Figure, ax: Axes, path: Path) -> None:
+    """Every report figure ends alike: small legend, light grid, tight layout, 110 dpi."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

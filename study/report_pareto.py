@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from study import pareto  # noqa: E402
 from study.config import StudyConfig  # noqa: E402
+from study.report_images import save_figure  # noqa: E402
 from study.report_tables import TrialRow, table, tries  # noqa: E402
 
 if TYPE_CHECKING:
@@ -38,11 +39,7 @@ def _figure(scored: list[TrialSummary], members: list[TrialSummary], objectives:
             ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(f"{mx} ({dx}imise)")
         ax.set_ylabel(f"{my} ({dy}imise)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(fig, ax, path)
 
 
 def pareto_section(runs: list[TrialSummary], rows: list[TrialRow], s: StudyConfig, searched: list[str],
@@ -52,7 +49,7 @@ def pareto_section(runs: list[TrialSummary], rows: list[TrialRow], s: StudyConfi
         return ""
     objectives = s.objective_list
     members = pareto.front(runs, objectives)
-    scored = [t for t in runs if t.completed and pareto.values(t, objectives) is not None]
+    scored = pareto.scored(runs, objectives)
     head = (f"## Pareto front\n\nObjectives: {', '.join(f'`{m}` ({d})' for m, d in objectives)}. "
             f"{len(members)} of the {len(scored)} completed "
             "trials with every objective are on the front: no other completed trial is at least as good "

@@ -133,7 +133,7 @@ def test_the_front_is_the_non_dominated_completed_trials_in_row_order():
     members = pareto.front(TRIALS, OBJ)
     assert [t.trial for t in members] == ["trial_0000", "trial_0001", "trial_0004", "trial_0003"]
     assert pareto.front(TRIALS[::-1], OBJ) == members  # not listing order
-    assert pareto.scored_count(TRIALS, OBJ) == 5
+    assert len(pareto.scored(TRIALS, OBJ)) == 5
     # Both directions turned: the same trials, minimising -psnr and maximising -seconds.
     flipped = [_t(t.trial, t.completed, t.status, **{k: -v for k, v in t.metrics.items()}) for t in TRIALS]
     assert [t.trial for t in pareto.front(flipped, [("psnr_ema", "min"), ("seconds", "max")])] == \

@@ -206,12 +206,12 @@ def _best(view: StudyView) -> tuple[TrialSummary, float] | None:
 def _front_lines(view: StudyView) -> list[str]:
     """Several objectives: the front's size and members, numbered as `export --pick N` takes them."""
     from study.objectives import from_params
-    from study.pareto import front, front_lines, scored_count
+    from study.pareto import front, front_lines, scored
 
     objectives = from_params(view.params)
     members = front(view.trials, objectives) if len(objectives) > 1 else None
     return [] if members is None else [
-        f"Pareto front: {len(members)} of {scored_count(view.trials, objectives)} completed trials; "
+        f"Pareto front: {len(members)} of {len(scored(view.trials, objectives))} completed trials; "
         "export --pick N writes row N:",
         *["  " + x for x in front_lines(members, objectives, {t.run_id: _searched(view, t) for t in members})]]
 
