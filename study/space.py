@@ -312,21 +312,20 @@ def fits(space: SearchSpace, params: JsonObject) -> bool:
     return asked == set(params)
 
 
-def add_warm_trials(study_dir: str | Path, name: str, mode: str | list[str], space: SearchSpace,
-                    trials: list[tuple[EarlierTrial, float | list[float]]]) -> int:
-    """Create study `name`'s Optuna record (ROOT/NAME/optuna.db, a direction per objective
-    from `mode`, "max" or "min" or a list of them) holding each (earlier trial, value or
-    values) as a COMPLETE trial with the new space's distributions, marked WARM_START_ATTR;
-    OptunaSearch then loads it. Returns the number added."""
+def add_warm_trials(study_dir: str | Path, name: str, modes: list[str], space: SearchSpace,
+                    trials: list[tuple[EarlierTrial, list[float]]]) -> int:
+    """Create study `name`'s Optuna record (ROOT/NAME/optuna.db, a direction per objective,
+    "max" or "min") holding each (earlier trial, its values) as a COMPLETE trial with the
+    new space's distributions, marked WARM_START_ATTR; OptunaSearch then loads it. Returns
+    the number added."""
     Path(study_dir).mkdir(parents=True, exist_ok=True)
-    modes = [mode] if isinstance(mode, str) else list(mode)
     study = optuna.create_study(storage=make_storage(Path(study_dir) / OPTUNA_DB), study_name=name,
                                 directions=["maximize" if m == "max" else "minimize" for m in modes])
     dists = {p.name: p.distribution() for p in space.params if p.kind != "fixed"}
     study.add_trials([optuna.trial.create_trial(
         params=t.params, distributions={k: dists[k] for k in t.params},
-        values=[value] if isinstance(value, (int, float)) else list(value),
-        user_attrs={WARM_START_ATTR: t.study, "warm_start_number": t.number}) for t, value in trials])
+        values=list(values), user_attrs={WARM_START_ATTR: t.study, "warm_start_number": t.number})
+        for t, values in trials])
     return len(trials)
 
 

@@ -49,28 +49,26 @@ def check(s: StudyConfig) -> list[str]:
     return warnings
 
 
-def _value_of(o: StudyConfig, metric: str) -> Callable[[EarlierTrial], float | None]:
-    """The earlier trial's value of `metric`: see the module's docstring."""
-    theirs = [m for m, _ in o.objective_list]
-    if metric in theirs:
-        i = theirs.index(metric)
-        return lambda t: t.values[i] if i < len(t.values) else None
-    from study.tracking.store import study_runs
-
-    runs = [r for r in study_runs(o.resolved_tracking_uri, o.name) if r.status == "FINISHED"]
-
-    def value(t: EarlierTrial) -> float | None:
-        run = next((r for r in runs if all(r.params.get(k) == str(v) for k, v in t.params.items())), None)
-        return run.metrics.get(metric) if run is not None else None
-    return value
-
-
 def _values_of(o: StudyConfig, s: StudyConfig) -> Callable[[EarlierTrial], list[float] | None]:
-    """The earlier trial's values of `s`'s objectives, or None if one is missing or not finite."""
-    each = [_value_of(o, m) for m, _ in s.objective_list]
+    """The earlier trial's values of `s`'s objectives (see the module's docstring), or None
+    if one is missing or not finite. The earlier study's runs are read once, and only when
+    one objective is not its own."""
+    theirs = [m for m, _ in o.objective_list]
+    runs = None
+    if any(m not in theirs for m, _ in s.objective_list):
+        from study.tracking.store import study_runs
+
+        runs = [r for r in study_runs(o.resolved_tracking_uri, o.name) if r.status == "FINISHED"]
+
+    def one(t: EarlierTrial, metric: str) -> float | None:
+        if metric in theirs:
+            i = theirs.index(metric)
+            return t.values[i] if i < len(t.values) else None
+        run = next((r for r in runs or () if all(r.params.get(k) == str(v) for k, v in t.params.items())), None)
+        return run.metrics.get(metric) if run is not None else None
 
     def values(t: EarlierTrial) -> list[float] | None:
-        got = [v(t) for v in each]
+        got = [one(t, m) for m, _ in s.objective_list]
         return got if all(x is not None and math.isfinite(x) for x in got) else None
     return values
 
@@ -91,7 +89,7 @@ def seed(s: StudyConfig, space: SearchSpace) -> int:
             if v is None:
                 left.append(f"{other}#{t.number}")
                 continue
-            picked.append((t, v if s.multi_objective else v[0]))
+            picked.append((t, v))
             counts[other] += 1
     n = add_warm_trials(s.study_dir, s.name, [d for _, d in s.objective_list], space, picked)
     wanted = " and ".join(m for m, _ in s.objective_list)

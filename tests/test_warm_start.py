@@ -104,7 +104,7 @@ def test_tpe_conditions_on_the_added_trials(tmp_path):
     """Past its start-up, TPE proposes from the added trials: not what it proposes at random."""
     space = _space()
     _earlier(tmp_path, "a", STARTUP + 2, space)
-    add_warm_trials(tmp_path, "b", "max", space, [(t, t.value) for t in finished_trials(tmp_path / "a", "a")])
+    add_warm_trials(tmp_path, "b", ["max"], space, [(t, [t.value]) for t in finished_trials(tmp_path / "a", "a")])
 
     def first(storage: str) -> dict:
         study = optuna.create_study(study_name="b", storage=storage, direction="maximize", load_if_exists=True,
