@@ -283,7 +283,7 @@ def extend(root: str, name: str, n: int, address: str = "") -> int:
 
 
 def write_report(root: str, name: str) -> Path | None:
-    """The study's report (ROOT/NAME/report/report.md, study/report.py), also logged to its
+    """The study's report (ROOT/NAME/report/report.md, study/report/document.py), also logged to its
     parent run under `report/`; for the end of every study. A report that cannot be made
     does not fail the study: it says why and how to retry."""
     from study import report

@@ -134,7 +134,7 @@ def test_every_trial_table_is_best_first_in_the_objectives_direction():
     """A minimised objective (loss, seconds) lists its smallest value first; trials without
     it come last either way."""
     from study.config import TrialConfig
-    from study.report_tables import TrialRow, trials_appendix
+    from study.report.tables import TrialRow, trials_appendix
 
     def row(name: str, **m: float) -> TrialRow:
         return TrialRow(name, name, "completed", "uniform", None, 0.01, 40, m)

@@ -115,7 +115,7 @@ def test_sampler_on_a_gpu_logs_the_trials_gpu():
 
 
 def test_report_gives_device_seconds_per_network():
-    from study.report_tables import TrialRow, mode_section as _mode_section
+    from study.report.tables import TrialRow, mode_section as _mode_section
 
     def row(name, state, **m):
         return TrialRow(name, name, state, "uniform", None, 0.01, 40, {"psnr_ema": 20.0, **m})

@@ -237,7 +237,7 @@ def load_run_dict(uri: str, run_id: str, name: str) -> JsonObject:
         return json.loads(Path(path).read_text())
 
 
-# --- Read-only queries for the report (study/report.py), and logging its folder. ---
+# --- Read-only queries for the report (study/report/document.py), and logging its folder. ---
 
 def study_runs(uri: str, experiment: str) -> list[TrialSummary]:
     """Every trial (child run) of study `experiment`."""

@@ -1,6 +1,6 @@
 """The report's rows and tables: one `TrialRow` per trial run, the per-mode table, the
 honest final / honest autostop / oracle best table, and the appendix of every trial
-(study/report.py puts them together with the figures)."""
+(study/report/document.py puts them together with the figures)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ from study.config import TrialConfig
 from study.modes import DDPM_MODES, NOISE_MODES, mode_uses, trial_run_name
 
 if TYPE_CHECKING:  # mlflow is slow to import
-    from study.report_images import ImageFacts
+    from study.report.images import ImageFacts
     from study.tracking.store import TrialSummary
 
 HONEST = "psnr_ema"   # the honest final number of a trial (no clean image involved in choosing it)

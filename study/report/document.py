@@ -7,7 +7,7 @@ bicubic for super-resolution), the oracle `psnr_best` labelled as such, the best
 configuration's output next to the observation and the clean image, and Optuna's own
 plots. It reads the trials through the tracking room (study/tracking/store.py) and draws
 Optuna's plots through the space room (study/space.py optuna_figures); the images, the
-baseline and the best-output grid are study/report_images.py. It never imports mlflow or optuna.
+baseline and the best-output grid are study/report/images.py. It never imports mlflow or optuna.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from study.config import StudyConfig, TrialConfig  # noqa: E402
 from study.modes import DDPM_MODES, NOISE_MODES  # noqa: E402
-from study.report_images import ImageFacts, best_grid, best_output, image_facts, save_figure  # noqa: E402
-from study.report_pareto import pareto_section  # noqa: E402
-from study.report_tables import (AUTOSTOP, HONEST, ORACLE, TrialRow, fmt, image_key,  # noqa: E402
+from study.report.images import ImageFacts, best_grid, best_output, image_facts, save_figure  # noqa: E402
+from study.report.pareto_section import pareto_section  # noqa: E402
+from study.report.tables import (AUTOSTOP, HONEST, ORACLE, TrialRow, fmt, image_key,  # noqa: E402
                                  mode_section, table, three_section, trial_rows, trials_appendix)
 from study.space import optuna_figures, warm_start_counts  # noqa: E402
 

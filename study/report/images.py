@@ -1,7 +1,7 @@
 """The report's images: each image's brightness, its observations exactly as the trials drew
 them, the classical baseline on those (BM3D for denoising, bicubic for super-resolution),
 and the grid of the best configuration's output next to the observation and the clean image.
-Used by study/report.py; it never imports the report.
+Used by study/report/document.py; it never imports the report.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The report's Pareto front, for a study of several objectives: a figure of the first two
 objectives with the front highlighted, and the table of its members (numbered as `export
 --pick N` takes them) with their objective values and what each tries. The front itself is
-study/pareto.py's; study/report.py puts this section in."""
+study/pareto.py's; study/report/document.py puts this section in."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from study import pareto  # noqa: E402
 from study.config import StudyConfig  # noqa: E402
-from study.report_images import save_figure  # noqa: E402
-from study.report_tables import TrialRow, table, tries  # noqa: E402
+from study.report.images import save_figure  # noqa: E402
+from study.report.tables import TrialRow, table, tries  # noqa: E402
 
 if TYPE_CHECKING:
     from study.tracking.store import TrialSummary
