@@ -87,6 +87,24 @@ def free_ports(n: int, host: str = "") -> list[int]:
             s.close()
 
 
+# A Ray node of the tests' own (`ray start`): its own ports and temp dir, and a marker in its
+# processes' environment that teardown kills by (kill_until_gone(marked_pids(...))), never
+# `ray stop`. `ray start` enables token authentication in Ray 2.60; the nodes and the driver
+# on this machine share ~/.ray/auth_token when the mode is set (AUTH).
+RAY = str(Path(sys.executable).with_name("ray"))
+AUTH = {"RAY_AUTH_MODE": "token"}
+RAY_MARKER = "DIP_TEST_CLUSTER"
+PORT_FLAGS = ("node-manager-port", "object-manager-port", "ray-client-server-port",
+              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+              "runtime-env-agent-port", "metrics-export-port")
+
+
+def ray_start(marker: str, temp: str, *args: str) -> None:
+    ports = [f"--{k}={p}" for k, p in zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True)]
+    subprocess.run([RAY, "start", "--disable-usage-stats", f"--temp-dir={temp}", *ports, *args],
+                   check=True, env=env(**AUTH, **{RAY_MARKER: marker}), capture_output=True, timeout=180)
+
+
 def client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
