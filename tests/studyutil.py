@@ -1,15 +1,18 @@
 """Helpers for the end-to-end study tests: run the real CLI, read MLflow with its own client."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -103,6 +106,19 @@ def ray_start(marker: str, temp: str, *args: str) -> None:
     ports = [f"--{k}={p}" for k, p in zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True)]
     subprocess.run([RAY, "start", "--disable-usage-stats", f"--temp-dir={temp}", *ports, *args],
                    check=True, env=env(**AUTH, **{RAY_MARKER: marker}), capture_output=True, timeout=180)
+
+
+@contextlib.contextmanager
+def own_ray(prefix: str) -> Iterator[tuple[str, str, int]]:
+    """(marker, temp dir, head port) for Ray nodes a test starts with `ray_start`; on exit
+    their processes are killed by the marker and the temp dir removed."""
+    marker = uuid.uuid4().hex[:10]
+    temp = f"/tmp/{prefix}{marker}"  # short: Ray's socket paths must fit 107 characters
+    try:
+        yield marker, temp, free_port()
+    finally:
+        kill_until_gone(lambda: marked_pids(RAY_MARKER, marker))
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def client(uri: str) -> Any:

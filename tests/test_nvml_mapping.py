@@ -13,7 +13,6 @@ import torch
 from study.engine.nvml import PROCESS_MEMORY, nvml_keys, open_gpu
 from study.engine.sysmetrics import SystemSampler, trial_gpu
 
-MB = 1e6
 ME = os.getpid()
 
 

@@ -8,11 +8,9 @@ and the summary's count. What waits for a real GPU: NVML's side of a trial's GPU
 The head has its own ports and temp dir and is torn down by its marker, never `ray stop`."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 
 import pytest
@@ -20,8 +18,7 @@ import torch
 
 from faults import HOOK
 from study.cluster.placement import FALLBACK_TAG, Placement
-from studyutil import (AUTH, RAY_MARKER, ROOT, TINY, check_study, client, env, free_port, kill_until_gone,
-                       marked_pids, ray_start, wait_until)
+from studyutil import AUTH, ROOT, TINY, check_study, client, env, own_ray, ray_start, wait_until
 
 TRIALS, SHARE = 6, 0.5  # 4 CPUs at 0.5 would fit 8 trials: the 2 GPUs at 0.5 allow 4
 
@@ -60,16 +57,10 @@ def test_status_gpu_line_sums_the_running_trials_shares():
 
 @pytest.fixture(scope="module")
 def gpu_head():
-    marker = uuid.uuid4().hex[:10]
-    temp = f"/tmp/dipg{marker}"  # short: Ray's socket paths must fit 107 characters
-    port = free_port()
-    try:
+    with own_ray("dipg") as (marker, temp, port):
         ray_start(marker, temp, "--head", f"--port={port}", "--num-cpus=4", "--num-gpus=2",
                   "--include-dashboard=false")
         yield f"127.0.0.1:{port}"
-    finally:
-        kill_until_gone(lambda: marked_pids(RAY_MARKER, marker))
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _status_gpu_line(uri: str, name: str) -> str:

@@ -5,13 +5,10 @@ one every node reads (true here, as on an NFS mount). The cluster has its own po
 temp dir, and is torn down by a marker in its processes' environment, never `ray stop`."""
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from faults import HOOK
-from studyutil import (AUTH, RAY_MARKER, TINY, check_study, cli, free_port, kill_until_gone, marked_pids,
-                       ray_start)
+from studyutil import AUTH, TINY, check_study, cli, free_port, own_ray, ray_start
 
 pytestmark = pytest.mark.slow
 
@@ -22,15 +19,10 @@ def _start(marker: str, temp: str, *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    marker = uuid.uuid4().hex[:10]
-    temp = f"/tmp/dipmn{marker}"  # short: Ray's socket paths must fit 107 characters
-    port = free_port()
-    try:
+    with own_ray("dipmn") as (marker, temp, port):
         _start(marker, temp, "--head", f"--port={port}", "--include-dashboard=false")
         _start(marker, temp, f"--address=127.0.0.1:{port}")
         yield f"127.0.0.1:{port}"
-    finally:
-        kill_until_gone(lambda: marked_pids(RAY_MARKER, marker))
 
 
 def test_node_local_storage_is_refused_on_several_nodes(cluster, tmp_path):
