@@ -19,6 +19,7 @@ class FitSummary:
     experiment_path: str      # Ray Tune's experiment folder or URI
     unended: tuple[str, ...] = ()  # ids of started trials that did not end (interrupted)
     lost: tuple[str, ...] = ()     # ids of trials a killed driver's saved state never knew
+    fell_back: int = 0             # trials with a GPU assigned that found no CUDA and ran on the CPU
 
     @property
     def ended(self) -> int:

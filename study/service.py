@@ -140,6 +140,8 @@ def _fit_and_finish(s: StudyConfig, tracker: StudyTracker, parent: str, tuner: t
     from study.cluster import relay as rl, tune as st
     from study.tracking.records import LOST_TAG, end_record, tags_record
 
+    # What `status` shows beside the trials' shares: the cluster's GPUs as the study (re)starts.
+    rl.send(s.name, [tags_record(st.cluster_tags(st.gpus_per_trial(s)), run_id=parent)])
     summary = st.fit(tuner, s)
     # Interrupted trials: their runs are KILLED until `resume` continues them.
     rl.send(s.name, [end_record("KILLED", "the study was interrupted; resume continues it",
@@ -195,6 +197,9 @@ def _fmt(v: object) -> str:
 def _print_done(s: StudyConfig, best: BestTrial | None, summary: FitSummary,
                 searched: list[str]) -> None:
     print(f"\nstudy {s.name!r} finished: {summary.finished} trials finished, {summary.failed} failed")
+    if summary.fell_back:  # never silently the CPU on a GPU node
+        print(f"{summary.fell_back} of {summary.started} trials had a GPU from Ray but found no CUDA and "
+              "trained on the CPU (tag dip.device_fallback): see the trials' warning, check the nodes' driver")
     if best is None:
         print("no trial reported the metric; nothing to export")
         return

@@ -1,15 +1,18 @@
 """Helpers for the end-to-end study tests: run the real CLI, read MLflow with its own client."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -85,6 +88,37 @@ def free_ports(n: int, host: str = "") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+# A Ray node of the tests' own (`ray start`): its own ports and temp dir, and a marker in its
+# processes' environment that teardown kills by (kill_until_gone(marked_pids(...))), never
+# `ray stop`. `ray start` enables token authentication in Ray 2.60; the nodes and the driver
+# on this machine share ~/.ray/auth_token when the mode is set (AUTH).
+RAY = str(Path(sys.executable).with_name("ray"))
+AUTH = {"RAY_AUTH_MODE": "token"}
+RAY_MARKER = "DIP_TEST_CLUSTER"
+PORT_FLAGS = ("node-manager-port", "object-manager-port", "ray-client-server-port",
+              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+              "runtime-env-agent-port", "metrics-export-port")
+
+
+def ray_start(marker: str, temp: str, *args: str) -> None:
+    ports = [f"--{k}={p}" for k, p in zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True)]
+    subprocess.run([RAY, "start", "--disable-usage-stats", f"--temp-dir={temp}", *ports, *args],
+                   check=True, env=env(**AUTH, **{RAY_MARKER: marker}), capture_output=True, timeout=180)
+
+
+@contextlib.contextmanager
+def own_ray(prefix: str) -> Iterator[tuple[str, str, int]]:
+    """(marker, temp dir, head port) for Ray nodes a test starts with `ray_start`; on exit
+    their processes are killed by the marker and the temp dir removed."""
+    marker = uuid.uuid4().hex[:10]
+    temp = f"/tmp/{prefix}{marker}"  # short: Ray's socket paths must fit 107 characters
+    try:
+        yield marker, temp, free_port()
+    finally:
+        kill_until_gone(lambda: marked_pids(RAY_MARKER, marker))
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def client(uri: str) -> Any:

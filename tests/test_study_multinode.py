@@ -5,44 +5,24 @@ one every node reads (true here, as on an NFS mount). The cluster has its own po
 temp dir, and is torn down by a marker in its processes' environment, never `ray stop`."""
 from __future__ import annotations
 
-import subprocess
-import sys
-import uuid
-from pathlib import Path
-
 import pytest
 
 from faults import HOOK
-from studyutil import TINY, check_study, cli, env, free_port, free_ports, kill_until_gone, marked_pids
+from studyutil import AUTH, TINY, check_study, cli, free_port, own_ray, ray_start
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).with_name("ray"))
-# `ray start` enables token authentication in Ray 2.60; the nodes and the driver on this
-# machine share ~/.ray/auth_token when the mode is set.
-AUTH = {"RAY_AUTH_MODE": "token"}
-PORT_FLAGS = ("node-manager-port", "object-manager-port", "ray-client-server-port",
-              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-              "runtime-env-agent-port", "metrics-export-port")
 
 
 def _start(marker: str, temp: str, *args: str) -> None:
-    ports = [f"--{k}={p}" for k, p in zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True)]
-    subprocess.run([RAY, "start", "--num-cpus", "1", "--disable-usage-stats", f"--temp-dir={temp}",
-                    *ports, *args], check=True, env=env(**AUTH, DIP_TEST_CLUSTER=marker),
-                   capture_output=True, timeout=180)
+    ray_start(marker, temp, "--num-cpus", "1", *args)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    marker = uuid.uuid4().hex[:10]
-    temp = f"/tmp/dipmn{marker}"  # short: Ray's socket paths must fit 107 characters
-    port = free_port()
-    try:
+    with own_ray("dipmn") as (marker, temp, port):
         _start(marker, temp, "--head", f"--port={port}", "--include-dashboard=false")
         _start(marker, temp, f"--address=127.0.0.1:{port}")
         yield f"127.0.0.1:{port}"
-    finally:
-        kill_until_gone(lambda: marked_pids("DIP_TEST_CLUSTER", marker))
 
 
 def test_node_local_storage_is_refused_on_several_nodes(cluster, tmp_path):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from study.engine import sysmetrics
-from study.engine.sysmetrics import Sample, SystemSampler, physical_gpu
+from study.engine.nvml import PROCESS_MEMORY, visible_entry
+from study.engine.sysmetrics import Sample, SystemSampler
 from study.tracking.records import SYSTEM_SERIES, TrialLogger, run_create_info
 from studyutil import client, wait_until
 
@@ -44,11 +45,11 @@ def test_sampler_off_and_refusals():
 
 
 def test_cuda_visible_devices_names_the_physical_gpu():
-    assert physical_gpu(None, 0) == 0 and physical_gpu("", 1) == 1
-    assert physical_gpu("3,1", 0) == 3 and physical_gpu(" 3, 1", 1) == 1
-    assert physical_gpu("GPU-8f1e,GPU-aa", 0) == "GPU-8f1e"
+    assert visible_entry(None, 0) == 0 and visible_entry("", 1) == 1
+    assert visible_entry("3,1", 0) == 3 and visible_entry(" 3, 1", 1) == 1
+    assert visible_entry("GPU-8f1e,GPU-aa", 0) == "GPU-8f1e"
     with pytest.raises(ValueError, match="not among"):
-        physical_gpu("2", 1)
+        visible_entry("2", 1)
 
 
 def test_absent_nvml_leaves_gpu_names_out(monkeypatch):
@@ -58,8 +59,8 @@ def test_absent_nvml_leaves_gpu_names_out(monkeypatch):
         raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
 
     monkeypatch.setattr(pynvml, "nvmlInit", no_library)
-    assert sysmetrics.nvml_handle(torch.device("cuda", 0), "0") is None
-    assert sysmetrics.nvml_handle(torch.device("cpu"), None) is None
+    assert sysmetrics.trial_gpu(torch.device("cuda", 0), "0") is None
+    assert sysmetrics.trial_gpu(torch.device("cpu"), None) is None
 
 
 def test_samples_become_metrics_records_of_their_own_series():
@@ -103,10 +104,14 @@ def test_sampler_on_a_gpu_logs_the_trials_gpu():
     s = SystemSampler(dev, every=0.05, visible=__import__("os").environ.get("CUDA_VISIBLE_DEVICES")).start()
     samples = _collect(s, 2)
     assert s.gpu is not None, "NVML should find the GPU torch uses"
+    # The device NVML sampled is the one torch computes on (by UUID, whatever the orders).
+    assert s.device_tags()["dip.gpu_uuid"] == sysmetrics.cuda_uuid(dev), s.device_tags()
     for v in (x.values for x in samples):
         assert GPU <= set(v), sorted(v)
         assert v["trial/gpu_max_allocated_megabytes"] >= 4.0
         assert v["system/gpu_0_memory_usage_megabytes"] >= v["trial/gpu_max_allocated_megabytes"]
+        # Where NVML lists this process (not in a container with its own PID namespace).
+        assert v.get(PROCESS_MEMORY, 4.0) >= 4.0
     del x
 
 

@@ -17,6 +17,7 @@ import ray
 import torch
 from ray import tune
 
+from study.cluster.placement import FALLBACK_KEY, placement_tags
 from study.cluster.relay import RelaySender
 from study.config import TrialConfig
 from study.modes import trial_run_name
@@ -131,14 +132,15 @@ def _train(cfg: TrialConfig, ctx: StudyContext, log: TrialLogger, sender: RelayS
     hook, trial, state = _test_hook(), Trial(cfg), _load_state()
     if state is not None and state.get("undelivered"):
         sender(state.pop("undelivered"))  # what the lost attempt had not handed over
-    log.set_tags({"dip.node_id": ray.get_runtime_context().get_node_id(),
-                  "dip.device": str(trial.device), "dip.resumed_from": state["iteration"] if state else 0})
+    tags, fell_back = placement_tags(cfg.device, trial.device)
+    log.set_tags({**tags, "dip.resumed_from": state["iteration"] if state else 0})
     if state is None:
         log.log_dict(cfg.to_dict(), "config.json")
         log.log_metrics({**trial.observation_metrics(), **_share(trial), "iteration": 0}, 0)
         _log_images(log, trial, 0, final=False)
     # A retry's samples go on from the count its checkpoint saved, not from step 0 again.
     sampler = _sampler(trial, int(state.get("sysmetrics_step", 0)) if state else 0)
+    log.set_tags(sampler.device_tags())
     log.log_system_metrics(sampler.drain())
     log.flush()
 
@@ -161,6 +163,8 @@ def _train(cfg: TrialConfig, ctx: StudyContext, log: TrialLogger, sender: RelayS
         hook("reported", t)
         if final and t.iteration < cfg.iterations:  # stop = auto: ES-WMV ended it (EndRunsCallback)
             m = {**m, "autostop_ended": 1.0}
+        if fell_back:  # for the driver's count (FitSummary.fell_back)
+            m = {**m, FALLBACK_KEY: 1.0}
         if not _checkpoint_due(cfg, t, ctx.checkpoint_every):
             tune.report(m)
             return

@@ -15,6 +15,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from study.cluster.placement import FALLBACK_KEY
 from study.cluster.relay import send
 from study.cluster.trainable import ERROR_KEY, StudyContext, dip_trainable
 from study.config import StudyConfig
@@ -249,12 +250,20 @@ def fit(tuner: tune.Tuner, s: StudyConfig) -> FitSummary:
     if lost:
         seen.update({t: "LOST" for t in lost})
         write_json(s.ended_file, seen)
+    fell_back = sum(bool((t.last_result or {}).get(FALLBACK_KEY)) for t in grid._experiment_analysis.trials)
     return FitSummary(asked=s.num_samples, started=len(grid),
                       finished=sum(v == "FINISHED" for v in seen.values()),
                       failed=sum(v == "FAILED" for v in seen.values()),
                       experiment_path=grid.experiment_path,
                       unended=tuple(t for t, v in seen.items() if v == "RUNNING"),
-                      lost=tuple(lost))
+                      lost=tuple(lost), fell_back=fell_back)
+
+
+def cluster_tags(gpus: float) -> dict[str, str]:
+    """The cluster's GPUs and CPUs now and each trial's GPU share, for `status`'s GPU line."""
+    resources = ray.cluster_resources()
+    return {"dip.cluster_gpus": f"{resources.get('GPU', 0):g}", "dip.cluster_cpus": f"{resources.get('CPU', 0):g}",
+            "dip.gpus_per_trial": f"{gpus:g}"}
 
 
 def alive_nodes() -> int:

@@ -5,12 +5,14 @@ log every GPU of the node. This sampler logs, under MLflow's own names (so the r
 System Metrics tab shows them; mlflow/system_metrics/metrics/{cpu,gpu}_monitor.py):
 - `system/cpu_utilization_percentage`, `system/system_memory_usage_megabytes`: the machine;
 - `system/gpu_0_utilization_percentage`, `system/gpu_0_memory_usage_megabytes`: the GPU the
-  trial holds (its cuda:0), found in NVML through CUDA_VISIBLE_DEVICES;
-and the trial's own share: `trial/process_rss_megabytes` (this process) and
-`trial/gpu_max_allocated_megabytes` (torch's peak allocation, with CUDA only).
+  trial holds (its cuda:0, the device Ray assigned), found in NVML as study/engine/nvml.py
+  maps it (its NVML index and UUID go in the run's tags: `device_tags`);
+and the trial's own share: `trial/process_rss_megabytes` (this process),
+`trial/gpu_process_memory_megabytes` (what NVML lists for this process on its GPU: two
+trials may share it) and `trial/gpu_max_allocated_megabytes` (torch's peak allocation).
 
 The thread only appends to a list; the training thread takes the samples (`drain`) when it
-reports, so a training step never waits on a sample. torch, psutil and pynvml only.
+reports, so a training step never waits on a sample. torch, psutil and NVML only.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from typing import Any
 import psutil
 import torch
 
-MB = 1e6  # MLflow's megabytes (memory.used / 1e6)
+from study.engine.nvml import MB, TrialGpu, open_gpu
+
 DEFAULT_EVERY = 5.0  # seconds between samples
 log = logging.getLogger(__name__)
 
@@ -35,44 +38,26 @@ class Sample:
     values: dict[str, float]
 
 
-def physical_gpu(visible: str | None, index: int) -> int | str:
-    """The NVML key (index or UUID) of the process's cuda:`index`: the index-th entry of
-    CUDA_VISIBLE_DEVICES, or `index` itself where that is unset."""
-    if not visible:
-        return index
-    entries = [e.strip() for e in visible.split(",") if e.strip()]
-    if index >= len(entries):
-        raise ValueError(f"cuda:{index} is not among CUDA_VISIBLE_DEVICES={visible!r}")
-    return int(entries[index]) if entries[index].isdigit() else entries[index]
+def cuda_uuid(device: torch.device) -> str:
+    """The UUID CUDA reports for `device`, as NVML writes it ('' without CUDA)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return ""
+    try:
+        u = str(torch.cuda.get_device_properties(device).uuid)
+    except (RuntimeError, AssertionError, AttributeError):  # torch asserts on a bad index
+        return ""
+    return u if u.startswith(("GPU-", "MIG-")) else f"GPU-{u}"
 
 
-def nvml_handle(device: torch.device, visible: str | None) -> Any | None:
-    """The NVML handle of `device`'s physical GPU; None off CUDA or without NVML."""
+def trial_gpu(device: torch.device, visible: str | None, nvml: Any = None) -> TrialGpu | None:
+    """The trial's GPU in NVML (study/engine/nvml.py); None off CUDA or without NVML."""
     if device.type != "cuda":
         return None
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        key = physical_gpu(visible, device.index or 0)
-        if isinstance(key, int):
-            return pynvml.nvmlDeviceGetHandleByIndex(key)
-        return pynvml.nvmlDeviceGetHandleByUUID(key)
-    except Exception as e:  # noqa: BLE001 - no NVML library, no driver, a MIG UUID...
+        return open_gpu(visible, device.index or 0, cuda_uuid(device), nvml)
+    except Exception as e:  # noqa: BLE001 - no NVML library, no driver, an unknown UUID...
         log.warning("no GPU system metrics for %s: %s", device, e)
         return None
-
-
-def gpu_values(handle: Any) -> dict[str, float]:
-    import pynvml
-
-    out = {}
-    try:
-        out["system/gpu_0_memory_usage_megabytes"] = pynvml.nvmlDeviceGetMemoryInfo(handle).used / MB
-        out["system/gpu_0_utilization_percentage"] = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-    except pynvml.NVMLError as e:  # e.g. utilization is not supported on a MIG slice
-        log.debug("NVML: %s", e)
-    return out
 
 
 class SystemSampler:
@@ -81,11 +66,11 @@ class SystemSampler:
     `first`: a retried attempt goes on from the count its checkpoint saved (`taken`)."""
 
     def __init__(self, device: torch.device, every: float = DEFAULT_EVERY, visible: str | None = None,
-                 first: int = 0):
+                 first: int = 0, nvml: Any = None):
         if every < 0:
             raise ValueError(f"the system-metrics interval is seconds >= 0 (0: off), not {every}")
         self.device, self.every = device, every
-        self.gpu = nvml_handle(device, visible) if every else None
+        self.gpu = trial_gpu(device, visible, nvml) if every else None
         self.process = psutil.Process()
         self._samples: list[Sample] = []
         self._count = first
@@ -98,8 +83,8 @@ class SystemSampler:
              "system/system_memory_usage_megabytes": psutil.virtual_memory().used / MB,
              "trial/process_rss_megabytes": self.process.memory_info().rss / MB}
         if self.gpu is not None:
-            v.update(gpu_values(self.gpu))
-        if self.device.type == "cuda":
+            v.update(self.gpu.values(self.process.pid))
+        if self.device.type == "cuda" and torch.cuda.is_available():
             v["trial/gpu_max_allocated_megabytes"] = torch.cuda.max_memory_allocated(self.device) / MB
         return v
 
@@ -145,7 +130,9 @@ class SystemSampler:
             self._thread.join(timeout=max(5.0, 2 * self.every))
         self.sample()
         if self.gpu is not None:
-            import pynvml
-
-            pynvml.nvmlShutdown()
+            self.gpu.close()
         return self.drain()
+
+    def device_tags(self) -> dict[str, str]:
+        """Which GPU the samples are of (none off CUDA or without NVML)."""
+        return self.gpu.tags() if self.gpu is not None else {}

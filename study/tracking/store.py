@@ -193,6 +193,18 @@ class StudyView:
         """Trials the study asks for (`extend` raises it)."""
         return int(self.tags.get("dip.asked") or self.params.get("num_samples") or 0)
 
+    def gpu_line(self) -> str:
+        """GPUs the running trials hold (their `trial/gpus`, Ray's assignment) of the cluster's
+        (tag dip.cluster_gpus, as the study started); '' where neither has any."""
+        running = [t for t in self.trials if t.status == "RUNNING" and t.metrics.get("trial/gpus")]
+        held, total = sum(t.metrics["trial/gpus"] for t in running), float(self.tags.get("dip.cluster_gpus") or 0)
+        if not (held or total):
+            return ""
+        share = self.tags.get("dip.gpus_per_trial")
+        each = f", {share} GPU each" if share and share != "0" else ""
+        n = len(running)
+        return f"GPUs: {held:g} of {total:g} in use by {n} running trial{'s' if n != 1 else ''}{each}"
+
 
 def _read_client(uri: str) -> MlflowClient:
     check_tracking_uri(uri)
