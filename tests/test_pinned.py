@@ -33,6 +33,7 @@ ARGS = ["--image", "camera", "--image", "moon", "--size", "32", "--noise-mode", 
         "--timestep", "80", "--iterations", "6", "--report-every", "3", "--repeats", "2",
         "--seed", "3", "--quiet"]
 SKIP = ("seconds", "config", "machine")  # timings, the echoed config and the machine are not numbers of the seed
+HERE = ["--device", "cpu"]  # the pin is of CPU kernels: on a machine with a GPU too
 PIN_ISA = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
 
 
@@ -51,7 +52,7 @@ def flat(d, prefix=""):
 def train_at_pin_isa(out: Path) -> dict:
     """`train ARGS` in a fresh process with the kernels capped at AVX2 (the env vars are
     read once, when torch loads, so they cannot be set in this one)."""
-    cmd = [sys.executable, "run_study.py", "train", *ARGS, "--out", str(out)]
+    cmd = [sys.executable, "run_study.py", "train", *ARGS, *HERE, "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **PIN_ISA}, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -60,7 +61,7 @@ def train_at_pin_isa(out: Path) -> dict:
 
 def train_here(out: Path, args: list[str]) -> dict:
     import run_study  # here, so that `python tests/test_pinned.py --write` needs no sys.path
-    assert run_study.main(["train", *args, "--out", str(out)]) == 0
+    assert run_study.main(["train", *args, *HERE, "--out", str(out)]) == 0
     return json.loads((out / "result.json").read_text())
 
 

@@ -21,6 +21,7 @@ from study.cluster.relay import RelaySender
 from study.config import TrialConfig
 from study.modes import trial_run_name
 from study.engine import images as img
+from study.engine import machine
 from study.engine.sysmetrics import DEFAULT_EVERY, SystemSampler
 from study.engine.trial import State, Trial, run_trial
 from study.paths import JsonObject
@@ -132,7 +133,8 @@ def _train(cfg: TrialConfig, ctx: StudyContext, log: TrialLogger, sender: RelayS
     if state is not None and state.get("undelivered"):
         sender(state.pop("undelivered"))  # what the lost attempt had not handed over
     log.set_tags({"dip.node_id": ray.get_runtime_context().get_node_id(),
-                  "dip.device": str(trial.device), "dip.resumed_from": state["iteration"] if state else 0})
+                  "dip.device": str(trial.device), "dip.resumed_from": state["iteration"] if state else 0,
+                  **machine.tags(trial.device)})  # what its numbers depend on, for export
     if state is None:
         log.log_dict(cfg.to_dict(), "config.json")
         log.log_metrics({**trial.observation_metrics(), **_share(trial), "iteration": 0}, 0)
