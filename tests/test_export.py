@@ -45,3 +45,14 @@ def test_best_trial_is_written_as_json_that_train_reads(tmp_path):
     assert data == best.to_dict() and data["mlflow_run_id"] == "run-b"
     assert data["machine"] == {"torch": "2.14.1", "cpu_isa": "AVX512"}  # where the trial ran
     assert TrialConfig.from_dict(load_config_file(tmp_path / "best.json")).lr == 0.02
+
+
+def test_replay_notice_compares_what_the_numbers_depend_on():
+    from study.engine.machine import replay_notice
+    cpu = {"torch": "2.14.1", "device": "cpu", "cpu_isa": "AVX512", "cpu": "A", "gpu": "", "threads": "1"}
+    assert replay_notice(cpu, cpu) is None and replay_notice({}, cpu) is None  # an older export
+    assert replay_notice({**cpu, "cpu": "B"}, cpu) is None  # the model name alone is not compared
+    assert "cpu_isa AVX2 -> AVX512" in replay_notice({**cpu, "cpu_isa": "AVX2"}, cpu)
+    gpu = {**cpu, "device": "cuda", "gpu": "NVIDIA H200"}
+    assert replay_notice({**gpu, "cpu_isa": "AVX2"}, gpu) is None  # a GPU's kernels, not the CPU's
+    assert "not measured across devices" in replay_notice(gpu, cpu)

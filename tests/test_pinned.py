@@ -1,17 +1,19 @@
 """The numbers of a seeded `train` are pinned: a refactor must not move them.
 
-How, on any x86-64 CPU (issue 24): the CPU kernels round by the ISA they are picked for
-(oneDNN by `ONEDNN_MAX_CPU_ISA`, ATen's own vectorised kernels by `ATEN_CPU_CAPABILITY`;
-the pin failed under AVX-512, AMD EPYC, and capping either alone is not enough: with
-oneDNN at AVX2 and ATen at its unvectorised DEFAULT it failed too). So the pin runs
-`train` in its own process with both capped at AVX2, which every x86-64 CPU PyTorch
-ships AVX2 kernels for has, and one thread (`train`'s default): the same kernels, so the
-same numbers, on an AVX2 laptop and an AVX-512 server, at the tolerance of float noise in
-JSON (rel 1e-6), not a loosened one. A golden file per ISA would only be checked on the
+How, on any x86-64 CPU (issue 24): the CPU kernels round by the ISA they are picked for,
+oneDNN's by `ONEDNN_MAX_CPU_ISA`, ATen's own vectorised ones by `ATEN_CPU_CAPABILITY`
+(measured on an AMD EPYC with AVX-512: the pin fails natively and with only ATen capped
+at AVX2, passes with oneDNN capped at AVX2, and fails again with ATen at its unvectorised
+DEFAULT, so ATen's level matters too and both are capped). So the pin runs
+`train` in its own process with both capped at AVX2, an ISA every x86-64 CPU of the last
+decade has (one without it skips: a cap lowers the ISA, never raises it), and one thread
+(`train`'s default): the same kernels, so the same numbers, on an AVX2 laptop and an
+AVX-512 server, at the pin's tolerance as before (rel 1e-6), not a loosened one. A golden file per ISA would only be checked on the
 ISAs the writer's machine has; a float64 path would pin code that trials never run.
 What must hold at the machine's own (native) ISA is checked without pinning numbers:
 the same seed gives bit-identical results twice in one process, and a lone network is
-bit for bit its repeat in a pack. `make test-isa` runs this file under every ISA level.
+bit for bit its repeat in a pack. `make test` runs this file natively, then again with
+this process capped at AVX2 too (`make test-isa`).
 
 tests/golden/train_pin.json was rewritten by issue 24 (split convs on the CPU change the
 rounding of packs; models/packed.py `set_convs`) with `python tests/test_pinned.py

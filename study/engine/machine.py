@@ -86,8 +86,11 @@ def replay_notice(then: dict[str, str], now: dict[str, str]) -> str | None:
             if k in then and str(then[k]) != str(now.get(k, ""))]
     if not diff:
         return None
+    size = EXPECTED
+    if any(then.get(k, now.get(k)) != now.get(k) for k in ("device", "gpu")):
+        size = "by an amount not measured across devices (across CPU ISAs: " + EXPECTED + ")"
     return (f"notice: this replay runs on another machine than the trial did ({'; '.join(diff)}), "
-            f"so its numbers will differ by rounding, {EXPECTED}")
+            f"so its numbers will differ by rounding, {size}")
 
 
 def tags(device: torch.device) -> dict[str, str]:
