@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser run test test-fast bench clean
+.PHONY: install browser run test test-fast test-isa bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	python3 -m venv $(VENV)
@@ -29,6 +29,18 @@ run: $(STAMP)
 # module on one worker and the multi-node clusters on one. `pytest -n 0` runs it serially.
 test: $(STAMP) browser
 	$(PY) -m pytest -ra -n 2
+	$(MAKE) --no-print-directory test-isa
+
+# The pinned numbers again with the CPU kernels capped at each ISA level below this
+# machine's own (the run above is the native one): oneDNN and ATen pick kernels by ISA,
+# and what tests/test_pinned.py checks must hold under every one (issue 24). ~30 s.
+ISA_LEVELS ?= AVX2
+test-isa: $(STAMP)
+	@for isa in $(ISA_LEVELS); do \
+	  echo "tests/test_pinned.py with ONEDNN_MAX_CPU_ISA=$$isa ATEN_CPU_CAPABILITY=$$(echo $$isa | tr A-Z a-z)"; \
+	  ONEDNN_MAX_CPU_ISA=$$isa ATEN_CPU_CAPABILITY=$$(echo $$isa | tr A-Z a-z) \
+	    $(PY) -m pytest -ra -q -n 0 tests/test_pinned.py || exit 1; \
+	done
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not slow"

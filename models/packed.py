@@ -6,7 +6,9 @@ BatchNorm over K*C channels is K BatchNorms (for batch 1 its statistics are per 
 anyway), activations, padding and upsampling act per channel, and skip concatenations
 join the channels of each network (`group_cat`). So one forward of the packed network on
 the K inputs stacked on the channel axis is K separate forwards, and Adam, which is
-elementwise, on the packed parameters is K Adams with the same learning rate.
+elementwise, on the packed parameters is K Adams with the same learning rate. On the CPU
+the grouped convs run as K groups=1 convs (`set_convs`), so each network rounds exactly
+as it would alone.
 
 The state of network k is slice k of every per-channel tensor: `pack_state_dicts` and
 `unpack_state_dict` convert between K separate state dicts and the packed one, so each
@@ -23,6 +25,7 @@ from einops import rearrange
 from torch import nn
 
 ReflectImpl = Literal["native", "cat"]
+ConvImpl = Literal["grouped", "split"]
 
 
 def to_channels(x: torch.Tensor) -> torch.Tensor:
@@ -70,14 +73,26 @@ def _twin(t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
     return None if t is None else torch.cat([t, t.detach()], dim)
 
 
+def _split_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                padding: tuple[int, ...] | str) -> torch.Tensor:
+    """A grouped conv as one groups=1 conv per group, side by side (see `set_split`)."""
+    g = conv.groups
+    biases = [None] * g if bias is None else bias.chunk(g)
+    ys = [F.conv2d(xi, wi, bi, conv.stride, padding, conv.dilation)
+          for xi, wi, bi in zip(x.chunk(g, 1), weight.chunk(g), biases, strict=True)]
+    return torch.cat(ys, 1)
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d whose reflection padding can be computed by `reflect_pad` (reflect="cat"),
-    and which can run as one network of a grouped pair (phantom=True, see `set_phantom`).
+    whose groups can run as separate groups=1 convs (split=True, see `set_convs`), and which
+    can run as one network of a grouped pair (phantom=True, see `set_phantom`).
 
     Same parameters and state dict as nn.Conv2d; only how the result is computed differs."""
 
     reflect: ReflectImpl = "native"
     phantom: bool = False
+    split: bool = False
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
@@ -89,6 +104,8 @@ class Conv2d(nn.Conv2d):
             else:
                 x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
+        if self.split and self.groups > 1:
+            return _split_conv(self, x, weight, bias, padding)
         if not self.phantom:
             return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
         y = F.conv2d(_twin(x, 1), _twin(weight, 0), _twin(bias, 0), self.stride, padding,
@@ -107,9 +124,10 @@ def set_reflect(module: nn.Module, impl: ReflectImpl) -> None:
 
 def set_phantom(module: nn.Module, on: bool) -> None:
     """Compute every conv of `module` as network 0 of a pack of two whose network 1 is a
-    detached copy (its output is dropped, so it is never read and never trained).
+    detached copy (its output is dropped, so it is never read and never trained). Used
+    with grouped convs only (a GPU's); the CPU's split convs need no twin (`set_convs`).
 
-    Why: a pack of one (groups=1) gets other conv kernels than a pack of K >= 2 (grouped),
+    Why: with grouped convs a pack of one (groups=1) gets other conv kernels than a pack of K >= 2 (grouped),
     so its numbers differ by rounding, which training amplifies (0.67 dB at iteration 60,
     64 px). On the CPU, PyTorch sends a groups=1 conv of batch 1 under 20480 input values to
     its im2col kernel (Slow2d) and every grouped conv to oneDNN; and oneDNN itself rounds
@@ -122,6 +140,23 @@ def set_phantom(module: nn.Module, on: bool) -> None:
     for m in module.modules():
         if isinstance(m, Conv2d):
             m.phantom = on
+
+
+def set_convs(module: nn.Module, impl: ConvImpl) -> None:
+    """Choose how every packed conv of `module` runs: one grouped conv ("grouped"), or one
+    groups=1 conv per network, side by side ("split").
+
+    Why split: each network of a pack then runs exactly the conv a lone network runs (same
+    shapes, so the same kernel and rounding), and every other layer acts per channel, so a
+    network's numbers do not depend on how many share its pack, at any pack size or thread
+    count, and a pack of one costs one network (no `set_phantom` twin). On the CPU it costs
+    no more than the grouped conv (bench/lone_step.py); on a GPU one grouped kernel beats K
+    small launches, so the GPU keeps "grouped"."""
+    if impl not in ("grouped", "split"):
+        raise ValueError(f"unknown conv implementation {impl!r}; allowed: grouped, split")
+    for m in module.modules():
+        if isinstance(m, Conv2d):
+            m.split = impl == "split"
 
 
 def pack_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

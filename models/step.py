@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .packed import ReflectImpl
+from .packed import ConvImpl, ReflectImpl
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (lazy cuDNN/cuBLAS setup)
 
@@ -30,19 +30,22 @@ class StepOptions:
     cuda_graph: bool = False         # capture the whole step once, then replay it
     fused_adam: bool = False         # one fused Adam kernel over all parameters
     reflect: ReflectImpl = "native"  # reflection padding: native kernel, or "cat" (slices)
+    conv: ConvImpl = "split"         # packed convs: one groups=1 conv per network, or "grouped"
 
     @classmethod
     def auto(cls, device: torch.device) -> "StepOptions":
         """The fastest exact options for the device: fp32 eager on the CPU."""
         if device.type != "cuda":
             return cls()
-        return cls(channels_last=True, cuda_graph=True, fused_adam=True, reflect="cat")
+        return cls(channels_last=True, cuda_graph=True, fused_adam=True, reflect="cat", conv="grouped")
 
     def check(self, device: torch.device) -> None:
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
         if self.reflect not in ("native", "cat"):
             raise ValueError(f"unknown reflection padding {self.reflect!r}; allowed: native, cat")
+        if self.conv not in ("grouped", "split"):
+            raise ValueError(f"unknown conv implementation {self.conv!r}; allowed: grouped, split")
 
     def adam(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
         """Adam is elementwise, so one optimizer over packed parameters is one per network."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .packed import group_cat
+from .packed import Conv2d, group_cat
 from .skip import UPSAMPLES, Upsample, check_input
 
 
@@ -51,10 +51,10 @@ def _double_conv(c_in: int, c_out: int, g: int = 1) -> nn.Sequential:
     # No conv bias: the BatchNorm right after subtracts any constant offset anyway.
     # g networks side by side (models/packed.py).
     return nn.Sequential(
-        nn.Conv2d(c_in * g, c_out * g, 3, padding=1, bias=False, groups=g),
+        Conv2d(c_in * g, c_out * g, 3, padding=1, bias=False, groups=g),
         nn.BatchNorm2d(c_out * g),
         nn.ReLU(inplace=True),
-        nn.Conv2d(c_out * g, c_out * g, 3, padding=1, bias=False, groups=g),
+        Conv2d(c_out * g, c_out * g, 3, padding=1, bias=False, groups=g),
         nn.BatchNorm2d(c_out * g),
         nn.ReLU(inplace=True),
     )
@@ -79,7 +79,7 @@ class UNet(nn.Module):
             _double_conv(spec.width(i) + spec.width(i - 1), spec.width(i - 1), g)
             for i in range(spec.scales, 0, -1)
         )
-        self.head = nn.Conv2d(spec.width(0) * g, spec.out_channels * g, 1, groups=g)
+        self.head = Conv2d(spec.width(0) * g, spec.out_channels * g, 1, groups=g)
         self.out_act = nn.Sigmoid() if spec.need_sigmoid else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from study import pareto
 from study.config import StudyConfig
+from study.engine.machine import from_tags
 from study.paths import JsonObject, write_json
 from study.results import BestTrial
 
@@ -69,7 +70,7 @@ def best_trial(tracker: StudyTracker, s: StudyConfig, choice: str | None = None)
         trial_id=best.trial_id, mlflow_run_id=best.run_id, completed=best.completed,
         tracking_uri=s.resolved_tracking_uri, metrics=best.metrics,
         config=tracker.load_dict(best.run_id, "config.json"),
-        exported_at=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
+        exported_at=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra, machine=from_tags(best.tags))
 
 
 def write(best: BestTrial, path: Path) -> None:

@@ -56,6 +56,8 @@ class BestTrial:
     objectives: tuple[JsonObject, ...] = ()  # {metric, mode, value} per objective, the first `metric`
     front_size: int = 0          # trials on the Pareto front (study/pareto.py)
     picked: str = ""             # which member of the front and why
+    # Where the trial ran (study/engine/machine.py): torch, device, cpu_isa, cpu, gpu, threads.
+    machine: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> JsonObject:
         d = dataclasses.asdict(self)
@@ -64,4 +66,6 @@ class BestTrial:
                 d.pop(k)
         else:
             d["objectives"] = list(self.objectives)
+        if not self.machine:  # a trial from before the record
+            d.pop("machine")
         return d

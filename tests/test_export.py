@@ -5,6 +5,7 @@ import json
 import math
 
 from study.config import TrialConfig, load_config_file
+from study.engine.machine import from_tags
 from study.results import BestTrial
 from study.export import pick_best, write
 from study.tracking.store import TrialSummary
@@ -36,8 +37,22 @@ def test_best_trial_is_written_as_json_that_train_reads(tmp_path):
     best = BestTrial(study="st", metric="psnr_ema", mode="max", value=26.5, trial_id="b",
                      mlflow_run_id="run-b", completed=True, tracking_uri="sqlite:////x.db",
                      metrics={"psnr_ema": 26.5}, config=TrialConfig(lr=0.02).to_dict(),
-                     exported_at="2026-11-27T20:00:00")
+                     exported_at="2026-11-27T20:00:00",
+                     machine=from_tags({"dip.machine.torch": "2.14.1", "dip.machine.cpu_isa": "AVX512",
+                                        "dip.device": "cpu"}))
     write(best, tmp_path / "best.json")
     data = json.loads((tmp_path / "best.json").read_text())
     assert data == best.to_dict() and data["mlflow_run_id"] == "run-b"
+    assert data["machine"] == {"torch": "2.14.1", "cpu_isa": "AVX512"}  # where the trial ran
     assert TrialConfig.from_dict(load_config_file(tmp_path / "best.json")).lr == 0.02
+
+
+def test_replay_notice_compares_what_the_numbers_depend_on():
+    from study.engine.machine import replay_notice
+    cpu = {"torch": "2.14.1", "device": "cpu", "cpu_isa": "AVX512", "cpu": "A", "gpu": "", "threads": "1"}
+    assert replay_notice(cpu, cpu) is None and replay_notice({}, cpu) is None  # an older export
+    assert replay_notice({**cpu, "cpu": "B"}, cpu) is None  # the model name alone is not compared
+    assert "cpu_isa AVX2 -> AVX512" in replay_notice({**cpu, "cpu_isa": "AVX2"}, cpu)
+    gpu = {**cpu, "device": "cuda", "gpu": "NVIDIA H200"}
+    assert replay_notice({**gpu, "cpu_isa": "AVX2"}, gpu) is None  # a GPU's kernels, not the CPU's
+    assert "not measured across devices" in replay_notice(gpu, cpu)

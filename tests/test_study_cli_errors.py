@@ -64,8 +64,11 @@ def test_relative_root_is_refused(capsys):
     assert code == 2 and "--root 'rel/studies' must be an absolute path" in err
 
 
-@pytest.mark.parametrize("root", ["/proc/dip-study", "/etc/hostname/studies"])
-def test_unwritable_root_is_refused(capsys, root):
+@pytest.mark.parametrize("root", ["/proc/dip-study", "{a file}/studies"])
+def test_unwritable_root_is_refused(capsys, tmp_path, root):
+    # Under a file of our own, not /etc/hostname: a container or a root user may lack it.
+    (tmp_path / "file").write_text("")
+    root = root.replace("{a file}", str(tmp_path / "file"))
     code, err = _run(capsys, root, *BASE)
     assert code == 2 and f"root '{root}' cannot be written" in err, err
 

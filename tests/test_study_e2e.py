@@ -101,6 +101,7 @@ def test_export_equals_best_child_and_parent(study, tmp_path):
     assert best["value"] == pytest.approx(want.data.metrics["psnr_ema"])
     assert parent.data.tags["dip.best_run_id"] == want.info.run_id
     assert best["config"]["noise_mode"] == want.data.params["noise_mode"]
+    assert best["machine"]["device"] == "cpu" and best["machine"]["threads"] == "1"  # issue 24
     assert str(root / "e2e" / "best.json") in p.stdout  # the run printed where it exported
 
 
@@ -111,6 +112,7 @@ def test_replay_reproduces_the_best(study, tmp_path):
     assert r.returncode == 0, r.stderr
     got, want = read_json(tmp_path / "replay" / "result.json"), read_json(best)
     assert got["config"] == want["config"]
+    assert "notice" not in r.stderr  # the machine the trial ran on
     # Same seed and config on the same CPU: the same numbers, up to thread-count rounding.
     assert got["psnr_ema"] == pytest.approx(want["metrics"]["psnr_ema"], abs=0.05)
     r2 = cli("train", "--config", str(best), "--image", "moon", "--out", str(tmp_path / "moon"), "--quiet")

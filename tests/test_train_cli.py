@@ -89,6 +89,32 @@ def test_bare_config_file_replays(tmp_path):
     assert json.loads((tmp_path / "o" / "result.json").read_text())["config"]["images"] == ["coins"]
 
 
+def _export(tmp_path, **machine):
+    import torch
+
+    from study.engine.machine import record
+    cfg = {"images": ["coins"], "size": 16, "scales": 2, "channels": 8, "input_depth": 8,
+           "iterations": 2, "noise_mode": "uniform", "device": "cpu"}
+    here = {**record(torch.device("cpu")), "threads": "1"}  # train's default --threads
+    (tmp_path / "best.json").write_text(json.dumps({"config": cfg, "machine": {**here, **machine}}))
+    return str(tmp_path / "best.json")
+
+
+def test_replay_on_another_machine_prints_one_notice(tmp_path, capsys):
+    best = _export(tmp_path, cpu_isa="AVX2-or-other", torch="2.0.0")
+    assert run_study.main(["train", "--config", best, "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("notice: "), err
+    assert "cpu_isa AVX2-or-other -> " in err[0] and "torch 2.0.0 -> " in err[0] and " dB " in err[0]
+
+
+def test_replay_on_the_same_machine_says_nothing(tmp_path, capsys):
+    assert run_study.main(["train", "--config", _export(tmp_path), "--out", str(tmp_path / "o"),
+                           "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert json.loads((tmp_path / "o" / "result.json").read_text())["machine"]["threads"] == "1"
+
+
 def test_bad_input_subprocess_exits_2_without_traceback(runs):
     proc, out = runs["bad"]
     assert proc.returncode == 2

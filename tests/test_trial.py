@@ -206,8 +206,8 @@ def test_cuda_refused_without_cuda():
 
 @pytest.mark.parametrize("mode", ["uniform", "ddpm_random_t"])
 def test_repeat_r_is_the_trial_with_seed_plus_r(mode):
-    # Bit-identical on the CPU (measured): each network's arithmetic in a grouped conv does
-    # not depend on how many networks are packed beside it.
+    # Bit-identical on the CPU: each network of a pack runs its own groups=1 convs
+    # (models/packed.py set_convs), so its arithmetic does not depend on the pack.
     cfg = tiny(noise_mode=mode, images=("camera", "coins"), repeats=3, seed=5, iterations=4)
     packed = run_trial(cfg, no_report)
     nets = packed["networks"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_train(ns: argparse.Namespace) -> int:
     # torch is imported only when a command needs it
     from study.engine.images import preflight
+    from study.engine.machine import exported, record, replay_notice
     from study.engine.train import train
     from study.engine.trial import TrialDiverged, resolve_device
 
@@ -38,12 +40,16 @@ def cmd_train(ns: argparse.Namespace) -> int:
             raise ValueError(f"--threads {ns.threads} is not allowed; allowed: an integer >= 1")
         torch.set_num_threads(ns.threads)
         cfg = build_config(ns)
-        resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
         preflight(cfg)
         out = Path(ns.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}").absolute()
         check_writable(out, "--out")
     except ValueError as e:
         return user_error(e)
+    if ns.config:  # a study's export: say when this machine will not give its numbers
+        notice = replay_notice(exported(ns.config), record(device))
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
     try:
         train(cfg, out, quiet=ns.quiet)
     except TrialDiverged as e:

@@ -22,6 +22,7 @@ from study.cluster.relay import RelaySender
 from study.config import TrialConfig
 from study.modes import trial_run_name
 from study.engine import images as img
+from study.engine import machine
 from study.engine.sysmetrics import DEFAULT_EVERY, SystemSampler
 from study.engine.trial import State, Trial, run_trial
 from study.paths import JsonObject
@@ -133,7 +134,8 @@ def _train(cfg: TrialConfig, ctx: StudyContext, log: TrialLogger, sender: RelayS
     if state is not None and state.get("undelivered"):
         sender(state.pop("undelivered"))  # what the lost attempt had not handed over
     tags, fell_back = placement_tags(cfg.device, trial.device)
-    log.set_tags({**tags, "dip.resumed_from": state["iteration"] if state else 0})
+    log.set_tags({**tags, "dip.resumed_from": state["iteration"] if state else 0,
+                  **machine.tags(trial.device)})  # what its numbers depend on, for export
     if state is None:
         log.log_dict(cfg.to_dict(), "config.json")
         log.log_metrics({**trial.observation_metrics(), **_share(trial), "iteration": 0}, 0)

@@ -159,9 +159,9 @@ def fit(cfg: TrialConfig, prob: Problem, opts: ApplyOptions, device: torch.devic
     # by `weight` (0 on padding and on missing pixels).
     data = Degraded(None, prob.observation * prob.weight, prob.input_image, prob.weight,
                     prob.factor).to(device)
-    # One network, not packed: a pack of one would compute as a pack of two so that its
+    # One network, not packed: on a GPU a pack of one computes as a pack of two so that its
     # numbers match a study's repeats (study/engine/pack.py), which a user's own image
-    # does not need at twice the cost.
+    # does not need at twice the cost (on the CPU the two are the same computation).
     options = dataclasses.replace(StepOptions.auto(device), pack=False)
     trial = Trial(cfg, options=options, networks=[network_for(cfg, data, "image", 0, cfg.seed, device)],
                   crop=prob.out_size)

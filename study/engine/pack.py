@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from models import build_network, pack_networks, set_reflect
-from models.packed import from_channels, set_phantom, to_channels
+from models.packed import from_channels, set_convs, set_phantom, to_channels
 from models.step import StepOptions
 from noise.inputs import DipInput, make_input
 from noise.schedules import alphas_cumprod, make_betas
@@ -147,10 +147,12 @@ class Pack:
                 nets.append(build(1))
         self.net = pack_networks(nets, build).to(device)
         set_reflect(self.net, options.reflect)
-        # A pack of one computes as a pack of two (the second a detached copy, see
-        # set_phantom), so a network's numbers do not depend on how many share its pack.
-        # Not with pack=False: that is the plain separate networks, the reference.
-        set_phantom(self.net, k == 1 and options.pack)
+        # A network's numbers must not depend on how many share its pack. Split convs
+        # (the CPU's) give that at any K (set_convs); grouped ones (a GPU's) get it for a
+        # pack of one by computing as a pack of two, the second a detached copy
+        # (set_phantom). Not with pack=False: the plain separate networks, the reference.
+        set_convs(self.net, options.conv)
+        set_phantom(self.net, k == 1 and options.pack and options.conv == "grouped")
         if options.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         d = [n.data for n in networks]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from study.engine import images as img
+from study.engine.machine import record
 from study.config import TrialConfig
 from study.engine.trial import Trial, run_trial
 
@@ -50,6 +51,7 @@ def train(cfg: TrialConfig, out: Path, quiet: bool = False) -> dict[str, Any]:
 
     result = run_trial(cfg, report, trial=trial)
     result["wall_seconds"] = time.perf_counter() - t0
+    result["machine"] = record(trial.device)  # what its numbers depend on (study/engine/machine.py)
     save_images(trial, out)
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if not quiet:
