@@ -33,6 +33,23 @@ def root(ns: argparse.Namespace) -> str:
     return os.path.normpath(ns.root)
 
 
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    """--threads of every command that trains here (train, apply): one default, one rule."""
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch CPU threads [1: as a study's trial with --cpus-per-trial 1, so a "
+                   "replay computes as the trial did (oneDNN splits work by thread count), and "
+                   "two threads on a busy machine do not spin against each other]")
+
+
+def set_threads(n: int) -> None:
+    """Refuse a bad --threads, then give torch that many (imported here: torch is slow)."""
+    if n < 1:
+        raise ValueError(f"--threads {n} is not allowed; allowed: an integer >= 1")
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def check_added(n: int) -> None:
     if n <= 0:
         raise ValueError(f"--num-samples {n} is not a number of trials to add; allowed: 1 or more")
