@@ -286,6 +286,10 @@ def cmd_status(ns: argparse.Namespace) -> int:
               f"{', ended ' + _when(job.end) if job.end else ''}){': ' + job.message if job.terminal and job.message else ''}")
     try:
         view = tracking.read_study_view(uri, ns.study)
+    except tracking.StoreNotReady:
+        if job is None:
+            raise
+        view = None
     except ValueError as e:
         if job is None:
             raise
@@ -294,13 +298,21 @@ def cmd_status(ns: argparse.Namespace) -> int:
     if view is None:
         if job is None:
             raise ValueError(f"no study {ns.study!r} in the MLflow store {uri!r}")
-        print(f"MLflow: no record of study {ns.study!r} at {uri} yet")
+        print(_not_yet(job, ns.study, uri))
         return 0
     print(f"study {ns.study!r}: {view.status} (parent run {view.parent_run_id}, started "
           f"{_when(view.start)}), MLflow {uri}")
     for line in progress_lines(view, time.time()):
         print("  " + line)
     return 0
+
+
+def _not_yet(job: Job, name: str, uri: str) -> str:
+    """The job runs (or ended) but its driver has not recorded the study at `uri` yet."""
+    if job.terminal:
+        return f"MLflow: no record of study {name!r} at {uri}: job {job.id} ended {job.status} before writing one"
+    return (f"study {name!r} is starting: job {job.id} is {job.status}, and its driver has not "
+            f"recorded the study in MLflow ({uri}) yet")
 
 
 # --- logs, stop ---------------------------------------------------------------------------
