@@ -55,6 +55,7 @@ class BestTrial:
     objectives: tuple[JsonObject, ...] = ()  # {metric, mode, value} per objective, the first `metric`
     front_size: int = 0          # trials on the Pareto front (study/pareto.py)
     picked: str = ""             # which member of the front and why
+    trial: str = ""              # the trial's name, trial_NNNN: the first word of its MLflow run's name
 
     def to_dict(self) -> JsonObject:
         d = dataclasses.asdict(self)

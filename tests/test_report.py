@@ -19,6 +19,8 @@ SEARCHED = ["noise_mode", "timestep", "lr"]
 ])
 def test_trial_run_name_says_what_the_trial_tries(changes, searched, want):
     assert trial_run_name(TrialConfig(**changes).to_dict(), searched) == want
+    # A trial's run: its name first (what the summary, status, export and the report call it).
+    assert trial_run_name(TrialConfig(**changes).to_dict(), searched, "trial_0007") == f"trial_0007 {want}"
 
 
 # --- the report, on a study recorded in a real MLflow store and a real Optuna storage ---

@@ -49,7 +49,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
         best = service.export_study(root(ns), ns.study, out, ns.pick)
     except ValueError as e:
         return user_error(e)
-    print(f"exported trial {best.trial_id} ({best.metric} = {best.value:.4f}, "
+    print(f"exported trial {best.trial} ({best.metric} = {best.value:.4f}, Ray trial id {best.trial_id}, "
           f"MLflow run {best.mlflow_run_id}) to {out}" + (f": {best.picked}" if best.picked else ""))
     return 0
 
