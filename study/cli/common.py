@@ -25,12 +25,12 @@ def default_root() -> str:
 
 
 def root(ns: argparse.Namespace) -> str:
-    """--root: absolute (a study's folder must mean the same on every node), else ./studies."""
+    """--root, made absolute against the current folder (a study's folder must mean the
+    same on every node, and study.json keeps it), else ./studies. `submit` alone refuses a
+    relative root: it names a folder on the cluster's head, not here."""
     if getattr(ns, "root", None) is None:
         return default_root()
-    if not os.path.isabs(ns.root):
-        raise ValueError(f"--root {ns.root!r} must be an absolute path (e.g. {Path(ns.root).absolute()})")
-    return os.path.normpath(ns.root)
+    return os.path.abspath(ns.root)
 
 
 def add_threads_flag(p: argparse.ArgumentParser) -> None:
