@@ -122,6 +122,16 @@ def test_report_warns_when_the_baseline_saw_other_observations(tmp_path):
     assert "**Warning**: the observations regenerated for the baseline differ" in md
 
 
+def test_report_without_baseline_says_so_and_shows_none(tmp_path):
+    from PIL import Image
+
+    _record_study(tmp_path)
+    md = report.make_report(str(tmp_path), "fab", out=tmp_path / "r", baseline=False, log=False).read_text()
+    assert "BM3D" not in md and "Baseline: none (report --no-baseline)" in md, md
+    with Image.open(tmp_path / "r" / "best_outputs.png") as grid:  # observation | output | clean
+        assert grid.width == 3 * (128 + 2) + 2, grid.size
+
+
 def test_report_refuses_an_unknown_study_in_one_sentence(tmp_path):
     import subprocess
     import sys
