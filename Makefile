@@ -27,7 +27,9 @@ run: $(STAMP)
 # Two workers (pytest-xdist): most of an end-to-end test is waiting (Ray starting, a
 # server away, a trial paused), so two share 2 cores well; tests/conftest.py keeps each
 # module on one worker and the multi-node clusters on one. `pytest -n 0` runs it serially.
+# lint-imports first: the architecture's contracts (.importlinter), in under a second.
 test: $(STAMP) browser
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest -ra -n 2
 	$(MAKE) --no-print-directory test-isa
 

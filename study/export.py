@@ -70,7 +70,8 @@ def best_trial(tracker: StudyTracker, s: StudyConfig, choice: str | None = None)
         trial_id=best.trial_id, mlflow_run_id=best.run_id, completed=best.completed,
         tracking_uri=s.resolved_tracking_uri, metrics=best.metrics,
         config=tracker.load_dict(best.run_id, "config.json"),
-        exported_at=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra, machine=from_tags(best.tags))
+        exported_at=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra, machine=from_tags(best.tags),
+        trial=best.trial)
 
 
 def write(best: BestTrial, path: Path) -> None:

@@ -41,13 +41,15 @@ def _run_name_value(v: object) -> str:
     return str(v)
 
 
-def trial_run_name(cfg: Mapping[str, object], searched: list[str]) -> str:
+def trial_run_name(cfg: Mapping[str, object], searched: list[str], trial: str = "") -> str:
     """What a trial tries, for its MLflow run name: e.g. `ddpm_resample t=120 lr=3.2e-03`.
     The input mode comes first and bare; fields its mode does not use are left out (a
     uniform trial has no t); with nothing searched, the mode alone. `cfg`: a trial's
-    config as a mapping (TrialConfig.to_dict())."""
+    config as a mapping (TrialConfig.to_dict()). `trial`: the trial's name (Tune's
+    trial_NNNN, the one name that the summary, status, export, best.json and the report
+    use), put first, so that the MLflow UI's search finds the run by it."""
     mode = str(cfg["noise_mode"])
-    parts = [mode]
+    parts = [trial, mode] if trial else [mode]
     for name in searched:
         if name == "noise_mode" or not mode_uses(name, mode):
             continue

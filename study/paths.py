@@ -41,11 +41,19 @@ def write_json(path: Path, data: Json) -> None:
     tmp.replace(path)
 
 
+ENTRY = Path(__file__).resolve().parents[1] / "run_study.py"
+
+
+def _shown(path: Path) -> str:
+    """A path as a user may type it here: relative under the working folder, else absolute."""
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def command(*args: str) -> str:
-    """A run_study.py command line to print for the user (a resume hint, a replay): with
-    this interpreter, shortened to a path under the working folder when it is one."""
-    python = os.path.relpath(sys.executable) if Path(sys.executable).is_relative_to(Path.cwd()) else sys.executable
-    return shlex.join([python, "run_study.py", *args])
+    """A run_study.py command line to print for the user (a resume hint, a replay) that
+    works from the folder the user is in: this interpreter and the project's entry point,
+    each shortened to a path under the working folder when it is one."""
+    return shlex.join([_shown(Path(sys.executable)), _shown(ENTRY), *args])
 
 
 def resume_hint(name: str, root: str) -> str:

@@ -58,6 +58,7 @@ class BestTrial:
     picked: str = ""             # which member of the front and why
     # Where the trial ran (study/engine/machine.py): torch, device, cpu_isa, cpu, gpu, threads.
     machine: dict[str, str] = dataclasses.field(default_factory=dict)
+    trial: str = ""              # the trial's name, trial_NNNN: the first word of its MLflow run's name
 
     def to_dict(self) -> JsonObject:
         d = dataclasses.asdict(self)

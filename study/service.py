@@ -210,7 +210,7 @@ def _print_done(s: StudyConfig, best: BestTrial | None, summary: FitSummary,
         goals = ", ".join(f"{o['metric']} {o['mode']}" for o in best.objectives)
         print(f"Pareto front: {best.front_size} of {summary.ended} trials ({goals}); exported: {best.picked}")
         shown += "; " + ", ".join(f"{o['metric']} = {o['value']:.4g}" for o in best.objectives[1:])
-    print(f"best trial {best.trial_id}: {s.metric} = {best.value:.4f}  ({shown})")
+    print(f"best trial {best.trial}: {s.metric} = {best.value:.4f}  ({shown}; Ray trial id {best.trial_id})")
     print(f"best configuration exported to {s.study_dir / 'best.json'}")
     print(f"replay it:       {command('train', '--config', str(s.study_dir / 'best.json'))}")
     ui = command("ui", "--root", s.root) if not s.tracking_uri else f"open {s.tracking_uri}"

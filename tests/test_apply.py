@@ -144,6 +144,7 @@ def test_cli_restores_and_refuses_bad_input_in_one_sentence(noisy_colour, tmp_pa
         (["--image", str(noisy), "--mask", str(noisy)], "--mask goes with --task inpaint"),
         (["--image", str(noisy), "--sr-factor", "1", "--task", "sr"], "--sr-factor = 1"),
         (["--image", str(cfg)], "cannot read image"),
+        (["--image", str(noisy), "--threads", "0"], "--threads 0"),
     ]
     # The refusals through the CLI's main() in this process (no interpreter start-up each).
     for extra, words in bad:
@@ -155,3 +156,20 @@ def test_cli_restores_and_refuses_bad_input_in_one_sentence(noisy_colour, tmp_pa
         assert not out2.exists() and not out2.with_suffix(".json").exists()
     code = run_study.main(["apply", "--config", str(cfg), "--image", str(noisy), "--out", str(tmp_path / "x.bmp2")])
     assert code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_cli_uses_one_thread_unless_told(noisy_colour, tmp_path):
+    """apply follows train's rule: 1 torch thread by default (two on a busy 2-core machine
+    spin against each other), --threads N otherwise."""
+    _, noisy = noisy_colour
+    cfg = tmp_path / "best.json"
+    cfg.write_text(json.dumps({"config": FAST.replace(iterations=2, report_every=1).to_dict()}))
+    before = torch.get_num_threads()
+    try:
+        for extra, want in (([], 1), (["--threads", "2"], 2)):
+            torch.set_num_threads(3)
+            args = ["apply", "--config", str(cfg), "--image", str(noisy), "--out", str(tmp_path / "t.png"), "--quiet"]
+            assert run_study.main([*args, *extra]) == 0
+            assert torch.get_num_threads() == want, extra
+    finally:
+        torch.set_num_threads(before)

@@ -220,3 +220,49 @@ def _outside_image(tmp_path: Path) -> Path:
     Image.new("RGB", (64, 64), (90, 120, 30)).save(p)
     assert not p.resolve().is_relative_to(ROOT)
     return p
+
+
+def _status_until_done(url: str, auth: dict, name: str, timeout: float = 600) -> list[str]:
+    """`status NAME` once a second (each call waits for the one before) until the job ends;
+    every answer must be exit 0 without a traceback. Returns the answers."""
+    seen, deadline = [], time.time() + timeout
+    while True:
+        r = cli("status", name, "--cluster", url, **auth)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (len(seen), r.stdout, r.stderr[-3000:])
+        seen.append(r.stdout)
+        if any(f"job dip-{name}-" in r.stdout.splitlines()[0] and s in r.stdout.splitlines()[0]
+               for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            return seen
+        assert time.time() < deadline, "the study did not end in time:\n" + seen[-1]
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_status_from_submit_to_end_and_flags_over_environment(head, tmp_path):
+    """`status`, polled from the moment `submit` returns, says the study is starting
+    before its driver wrote anything (never a traceback from a store in creation); and a
+    flag's address wins over RAY_API_SERVER_ADDRESS / RAY_ADDRESS naming another."""
+    url, auth, _ = head
+    _submit(url, auth, "run", "--name", "poll", "--root", str(tmp_path), "--iterations", "40", *TRIALS,
+            "--num-samples", "2")
+    seen = _status_until_done(url, auth, "poll")
+    assert "study 'poll' is starting: job dip-poll-" in seen[0], seen[0]
+    assert "SUCCEEDED" in seen[-1] and "2 finished, 0 running" in seen[-1], seen[-1]
+    assert not any("pass --tracking-uri" in s for s in seen), [s for s in seen if "pass --tracking-uri" in s]
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    for args in (["list"], ["status", "poll"], ["logs", "poll"], ["stop", "poll"],
+                 ["submit", "resume", "poll", "--root", str(tmp_path)]):
+        cmd = [*args[:1], "--cluster", dead, *args[1:]] if args[0] == "submit" else [*args, "--cluster", dead]
+        r = cli(*cmd, RAY_API_SERVER_ADDRESS=url, **auth)
+        assert r.returncode == 2 and dead in r.stderr and "poll" not in r.stdout, (args, r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for args in (["list"], ["status", "poll"], ["logs", "poll"]):  # and the other way round
+        r = cli(*args, "--cluster", url, RAY_API_SERVER_ADDRESS=dead, RAY_ADDRESS=dead, **auth)
+        assert r.returncode == 0 and "poll" in r.stdout + r.stderr, (args, r.stdout, r.stderr)
+    r = cli("stop", "poll", "--cluster", url, RAY_API_SERVER_ADDRESS=dead, **auth)
+    assert r.returncode == 2 and "no running job" in r.stderr, r.stderr  # it reached the live head
+    gone = f"127.0.0.1:{free_port()}"
+    r = cli("extend", "poll", "--num-samples", "1", "--root", str(tmp_path), "--address", gone,
+            RAY_ADDRESS=url.split("//")[1], **auth)
+    assert r.returncode == 2 and gone in r.stderr, r.stderr

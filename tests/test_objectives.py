@@ -197,7 +197,7 @@ def test_one_objective_exports_as_today():
 
 def test_status_lines_number_the_front_as_pick_does(monkeypatch):
     import study.tracking.store as store
-    from study.cli.jobs import progress_lines
+    from study.cli.progress import progress_lines
 
     monkeypatch.setattr(store, "load_run_dict", lambda uri, run_id, name: {"noise_mode": [], "lr": {}})
     view = SimpleNamespace(trials=tuple(TRIALS), asked=9, status="FINISHED", tracking_uri="sqlite:////none.db",

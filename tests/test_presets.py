@@ -54,6 +54,15 @@ def test_typed_flags_and_config_file_override_the_preset(tmp_path):
     assert s.trial.iterations == 77 and s.trial.size == 64  # config over preset, preset elsewhere
 
 
+def test_the_preset_line_names_what_the_user_overrode(capsys, tmp_path):
+    _study("--preset", "compare-modes", "--repeats", "1", "--image", "camera")
+    line = capsys.readouterr().out
+    assert line.startswith("preset compare-modes (cpu profile): ") and "3 repeats" in line  # the preset's text
+    assert "overridden: images camera (preset: camera astronaut cell hubble_deep_field), repeats 1 (preset: 3)" in line
+    _study("--preset", "compare-modes")
+    assert "overridden" not in capsys.readouterr().out
+
+
 def test_a_users_own_preset_file(tmp_path):
     (tmp_path / "sp.yaml").write_text("noise_mode: [uniform, ddpm]\nlr: {low: 0.001, high: 0.01, log: true}\n")
     f = tmp_path / "mine.yaml"

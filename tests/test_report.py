@@ -19,6 +19,8 @@ SEARCHED = ["noise_mode", "timestep", "lr"]
 ])
 def test_trial_run_name_says_what_the_trial_tries(changes, searched, want):
     assert trial_run_name(TrialConfig(**changes).to_dict(), searched) == want
+    # A trial's run: its name first (what the summary, status, export and the report call it).
+    assert trial_run_name(TrialConfig(**changes).to_dict(), searched, "trial_0007") == f"trial_0007 {want}"
 
 
 # --- the report, on a study recorded in a real MLflow store and a real Optuna storage ---
@@ -118,6 +120,16 @@ def test_report_warns_when_the_baseline_saw_other_observations(tmp_path):
     _record_study(tmp_path, observation_offset=0.5)
     md = report.make_report(str(tmp_path), "fab", out=tmp_path / "r", log=False).read_text()
     assert "**Warning**: the observations regenerated for the baseline differ" in md
+
+
+def test_report_without_baseline_says_so_and_shows_none(tmp_path):
+    from PIL import Image
+
+    _record_study(tmp_path)
+    md = report.make_report(str(tmp_path), "fab", out=tmp_path / "r", baseline=False, log=False).read_text()
+    assert "BM3D" not in md and "Baseline: none (report --no-baseline)" in md, md
+    with Image.open(tmp_path / "r" / "best_outputs.png") as grid:  # observation | output | clean
+        assert grid.width == 3 * (128 + 2) + 2, grid.size
 
 
 def test_report_refuses_an_unknown_study_in_one_sentence(tmp_path):

@@ -58,10 +58,15 @@ def test_bad_name(capsys, tmp_path, name):
     assert not (tmp_path / "r").exists()
 
 
-def test_relative_root_is_refused(capsys):
-    code = run_study.main(["run", "--name", "s", "--root", "rel/studies", *BASE])
-    err = capsys.readouterr().err
-    assert code == 2 and "--root 'rel/studies' must be an absolute path" in err
+def test_relative_root_is_the_current_folders(capsys, tmp_path, monkeypatch):
+    """`--root studies` means ./studies, as `make run` has it (only submit wants it absolute)."""
+    monkeypatch.chdir(tmp_path)
+    code = run_study.main(["list", "--root", "studies"])
+    assert code == 2 and f"no studies under '{tmp_path / 'studies'}'" in capsys.readouterr().err
+    (tmp_path / "studies").mkdir()
+    assert run_study.main(["list", "--root", "studies"]) == 0
+    code = run_study.main(["status", "nope", "--root", "studies"])
+    assert code == 2 and f"no study 'nope' under '{tmp_path / 'studies'}'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("root", ["/proc/dip-study", "{a file}/studies"])
@@ -137,3 +142,35 @@ def test_study_flags_show_their_real_defaults():
                         ("--max-failures", defaults.max_failures), ("--num-samples", defaults.num_samples)]:
         block = text.split("study settings", 1)[1].split(flag, 1)[1].split("\n  --", 1)[0]
         assert f"[{value}]" in " ".join(block.split()), (flag, block)
+
+
+def test_every_command_and_flag_is_described():
+    """`--help` of every subcommand has a description, and every flag a help text."""
+    subs = make_parser()._subparsers._group_actions[0].choices
+    assert {"run", "resume", "export", "ui", "status", "logs", "stop", "list", "extend"} <= set(subs)
+    for name, p in subs.items():
+        assert p.description, f"{name} has no description"
+        bare = [a.option_strings for a in p._actions if a.option_strings and not a.help]
+        assert not bare, (name, bare)
+    assert "[25/255]" in subs["train"].format_help()
+
+
+def test_unknown_flag_shows_the_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_study.main(["status", "x", "--bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: run_study.py status ") and "unrecognized arguments: --bogus" in err
+
+
+def test_printed_commands_work_from_another_folder(tmp_path, monkeypatch):
+    """The replay, ui and resume lines a study prints name run_study.py so that they run
+    from the folder the study was started in."""
+    import shlex
+
+    from study.paths import command
+
+    monkeypatch.chdir(tmp_path)
+    line = shlex.split(command("ui", "--help"))
+    assert line[1] == str(ROOT / "run_study.py")
+    r = subprocess.run(line, capture_output=True, text=True, timeout=120, env=env())
+    assert r.returncode == 0 and "MLflow UI" in r.stdout, r.stderr

@@ -70,11 +70,11 @@ def test_study_records_parent_children_metrics_images(study):
     assert all("dip.retries" not in r.data.tags for r in failed), "a diverged trial was retried"
     assert any(r.data.tags.get("dip.completed") == "true" for r in children)
     assert json.loads(parent.data.params["trial.images"]) == list(IMAGES)
-    for r in children:  # runs named for what they try, e.g. "ddpm t=120 lr=3.2e-03"
-        mode, *rest = r.info.run_name.split()
+    for r in children:  # runs named by the trial and what it tries, e.g. "trial_0002 ddpm t=120 lr=3.2e-03"
+        trial, mode, *rest = r.info.run_name.split()
         assert mode == r.data.params["noise_mode"] and rest[-1].startswith("lr="), r.info.run_name
         assert any(x.startswith("t=") for x in rest) == (mode != "uniform"), r.info.run_name
-        assert r.data.tags["dip.trial_name"].startswith("trial_")
+        assert trial == r.data.tags["dip.trial_name"] and re.fullmatch(r"trial_\d{4}", trial), r.info.run_name
         # Params: what the space set (MLflow prints them above every image card); the whole
         # config is in a tag.
         assert set(r.data.params) <= {"noise_mode", "timestep", "lr"}, sorted(r.data.params)
@@ -103,6 +103,16 @@ def test_export_equals_best_child_and_parent(study, tmp_path):
     assert best["config"]["noise_mode"] == want.data.params["noise_mode"]
     assert best["machine"]["device"] == "cpu" and best["machine"]["threads"] == "1"  # issue 24
     assert str(root / "e2e" / "best.json") in p.stdout  # the run printed where it exported
+    # One name for the trial: the summary's, export's, best.json's, status's and the report's
+    # is the first word of the MLflow run's name (what the UI shows).
+    name = want.data.tags["dip.trial_name"]
+    assert best["trial"] == name and want.info.run_name.split()[0] == name, (best["trial"], want.info.run_name)
+    assert f"best trial {name}: psnr_ema = " in p.stdout and f"exported trial {name} " in e.stdout, e.stdout
+    s = cli("status", "e2e", "--root", str(root))
+    assert s.returncode == 0 and f"best so far: psnr_ema = {best['value']:.4f}  {name} " in s.stdout, s.stdout
+    r = cli("report", "e2e", "--root", str(root), "--out", str(tmp_path / "report"), "--no-baseline", "--no-log")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Best trial `{name}`" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_replay_reproduces_the_best(study, tmp_path):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
-from study.cli.jobs import progress_lines
+from study.cli.progress import progress_lines
 from study.cluster.tune import TrialName, _scheduler
 from study.config import StudyConfig, TrialConfig
 from study.service import check_storage

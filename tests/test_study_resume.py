@@ -56,6 +56,7 @@ def test_sigint_then_resume(tmp_path, moment, then_resume):
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, out[-3000:]
     assert "resume ri" in out and "finished" not in out.split("interrupted")[-1]
+    assert "Tuner.restore(" not in out and "FileNotFoundError" not in out, out[-3000:]  # ours alone
 
     c = client(uri)
     exp = c.get_experiment_by_name("ri")

@@ -11,7 +11,7 @@ import urllib.parse
 from pathlib import Path
 
 from study.cli.common import root as common_root
-from study.cli.common import user_error
+from study.cli.common import add_threads_flag, set_threads, user_error
 from study.cli.presets import add_preset_flag, apply_preset
 
 __all__ = ["add_answer_parsers", "apply_preset", "cmd_apply", "cmd_report", "study_links"]
@@ -62,6 +62,7 @@ def _apply_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, help="ES-WMV patience [the config's; paper: 1000]")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N [the config's]")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_threads_flag(p)
     p.set_defaults(func=cmd_apply)
 
 
@@ -81,6 +82,7 @@ def cmd_apply(ns: argparse.Namespace) -> int:
     from study.paths import check_writable
 
     try:
+        set_threads(ns.threads)
         cfg = _apply_config(ns)
         task = ns.task or (cfg.task if cfg.task in APPLY_TASKS else "denoise")
         opts = ApplyOptions(task=task, mask=ns.mask, sr_factor=ns.sr_factor or cfg.sr_factor,

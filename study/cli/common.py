@@ -25,12 +25,29 @@ def default_root() -> str:
 
 
 def root(ns: argparse.Namespace) -> str:
-    """--root: absolute (a study's folder must mean the same on every node), else ./studies."""
+    """--root, made absolute against the current folder (a study's folder must mean the
+    same on every node, and study.json keeps it), else ./studies. `submit` alone refuses a
+    relative root: it names a folder on the cluster's head, not here."""
     if getattr(ns, "root", None) is None:
         return default_root()
-    if not os.path.isabs(ns.root):
-        raise ValueError(f"--root {ns.root!r} must be an absolute path (e.g. {Path(ns.root).absolute()})")
-    return os.path.normpath(ns.root)
+    return os.path.abspath(ns.root)
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    """--threads of every command that trains here (train, apply): one default, one rule."""
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch CPU threads [1: as a study's trial with --cpus-per-trial 1, so a "
+                   "replay computes as the trial did (oneDNN splits work by thread count), and "
+                   "two threads on a busy machine do not spin against each other]")
+
+
+def set_threads(n: int) -> None:
+    """Refuse a bad --threads, then give torch that many (imported here: torch is slow)."""
+    if n < 1:
+        raise ValueError(f"--threads {n} is not allowed; allowed: an integer >= 1")
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def check_added(n: int) -> None:

@@ -18,6 +18,8 @@ STUDY_CHOICES = {"metric": tuple(METRICS), "scheduler": SCHEDULERS}
 
 # Flags whose names differ from the field (the spelling).
 FLAG_NAMES = {"images": "--image"}
+# Defaults shown as a user thinks of them, not as the float they are.
+DEFAULT_TEXT = {"sigma": "25/255"}
 
 
 # Resolved once: get_type_hints evaluates every annotation of the class on each call.
@@ -44,7 +46,7 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
             continue
         typ, choices = _field_type(f)
         g.add_argument(flag, dest=f.name, type=typ, default=None, metavar=None if choices else typ.__name__.upper(),
-                       help=f"[{f.default}]" + (f" one of: {', '.join(choices)}" if choices else ""))
+                       help=f"[{DEFAULT_TEXT.get(f.name, f.default)}]" + (f" one of: {', '.join(choices)}" if choices else ""))
 
 
 def config_overrides(ns: argparse.Namespace) -> JsonObject:

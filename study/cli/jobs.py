@@ -14,10 +14,11 @@ from study.cli import common
 from study.cli.common import build_study, check_added, user_error
 from study.cluster.jobs import STOP_WAIT_S, Cluster, Job
 from study.cluster.runtime import PROJECT_ROOT
+from study.cli.progress import progress_lines, study_row, when
 from study.paths import command as command_line
 
 if TYPE_CHECKING:  # mlflow is slow to import: the views' module only for the type checker
-    from study.tracking.store import StudyView, TrialSummary
+    from study.tracking.store import StudyView
 
 SUBMITTABLE = ("run", "resume", "extend")
 
@@ -25,7 +26,6 @@ SUBMITTABLE = ("run", "resume", "extend")
 def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Bad input, an unknown study, an unreachable cluster or store: one sentence, exit 2."""
     def run(ns: argparse.Namespace) -> int:
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         try:
             return fn(ns)
         except ValueError as e:
@@ -68,27 +68,38 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="the study command and its flags, as run locally (--root is required: a folder on the head)")
     p.set_defaults(func=_guarded(cmd_submit), study_parsers=sub)
 
-    p = sub.add_parser("status", help="a study's progress: trials, best so far, speed, ETA")
+    p = sub.add_parser("status", help="a study's progress: trials, best so far, speed, ETA",
+                       description="A study's progress from its MLflow record: trials by state, the best "
+                       "so far, iterations per second and an ETA; with --cluster, its latest job's state "
+                       "too (and 'starting' until the job's driver has recorded the study).")
     p.add_argument("study", metavar="NAME")
     _where_flags(p)
     p.set_defaults(func=_guarded(cmd_status))
 
-    p = sub.add_parser("logs", help="the driver's log of a study's latest job")
+    p = sub.add_parser("logs", help="the driver's log of a study's latest job",
+                       description="Print the driver's log of study NAME's latest Ray job on the cluster; "
+                       "--follow keeps printing until the job ends.")
     p.add_argument("study", metavar="NAME")
     _cluster_flag(p, required=True)
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     p.set_defaults(func=_guarded(cmd_logs))
 
-    p = sub.add_parser("stop", help="stop a study's job cleanly (as Ctrl-C); resume continues it")
+    p = sub.add_parser("stop", help="stop a study's job cleanly (as Ctrl-C); resume continues it",
+                       description="Stop study NAME's running Ray job as Ctrl-C stops a local study: its "
+                       "trials end and Tune saves its state; `submit ... resume NAME` continues it.")
     p.add_argument("study", metavar="NAME")
     _cluster_flag(p, required=True)
     p.set_defaults(func=_guarded(cmd_stop))
 
-    p = sub.add_parser("list", help="the studies under a root, on a tracking server or on a cluster")
+    p = sub.add_parser("list", help="the studies under a root, on a tracking server or on a cluster",
+                       description="One row per study (trials ended of asked, status, best value, "
+                       "created, where it lives): under --root, on --tracking-uri, or submitted to --cluster.")
     _where_flags(p)
     p.set_defaults(func=_guarded(cmd_list))
 
-    p = sub.add_parser("extend", help="add trials to a finished or interrupted study (Optuna's history kept)")
+    p = sub.add_parser("extend", help="add trials to a finished or interrupted study (Optuna's history kept)",
+                       description="Run --num-samples more trials of study NAME: the searcher goes on from "
+                       "every earlier trial, trial names go on numbering, best.json is replaced if beaten.")
     p.add_argument("study", metavar="NAME")
     p.add_argument("--num-samples", type=int, required=True, help="trials to add")
     p.add_argument("--root", help="the study's root [./studies]")
@@ -164,17 +175,6 @@ def cmd_submit(ns: argparse.Namespace) -> int:
 
 # --- status -----------------------------------------------------------------------------
 
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
-
-
 def _tracking_uri(ns: argparse.Namespace, job: Job | None, name: str | None) -> str:
     """Where the study's MLflow record is: --tracking-uri, else the job's, else study.json's."""
     if ns.tracking_uri:
@@ -189,94 +189,6 @@ def _tracking_uri(ns: argparse.Namespace, job: Job | None, name: str | None) -> 
     return read_study(root, name).current.resolved_tracking_uri
 
 
-def _best(view: StudyView) -> tuple[TrialSummary, float] | None:
-    """pick_best; with several objectives the Pareto front's row 1 (what export writes)."""
-    from study.export import pick_best
-    from study.objectives import from_params
-    from study.pareto import front
-
-    objectives = from_params(view.params)
-    if len(objectives) > 1:
-        best = next(iter(front(view.trials, objectives)), None)
-    else:
-        best = pick_best(view.trials, *objectives[0])
-    return (best, best.metrics[objectives[0][0]]) if best else None
-
-
-def _front_lines(view: StudyView) -> list[str]:
-    """Several objectives: the front's size and members, numbered as `export --pick N` takes them."""
-    from study.objectives import from_params
-    from study.pareto import front, front_lines, scored
-
-    objectives = from_params(view.params)
-    members = front(view.trials, objectives) if len(objectives) > 1 else None
-    return [] if members is None else [
-        f"Pareto front: {len(members)} of {len(scored(view.trials, objectives))} completed trials; "
-        "export --pick N writes row N:",
-        *["  " + x for x in front_lines(members, objectives, {t.run_id: _searched(view, t) for t in members})]]
-
-
-def _searched(view: StudyView, trial: TrialSummary) -> str:
-    """The trial's values of the searched parameters (timestep only where the mode uses it)."""
-    from study.tracking import store as tracking
-    from study.modes import mode_uses
-
-    try:
-        keys = list(tracking.load_run_dict(view.tracking_uri, view.parent_run_id, "search_space.json"))
-    except Exception:  # noqa: BLE001 - an older or partial record: the default space's keys
-        keys = ["noise_mode", "timestep", "lr"]
-    mode = trial.params.get("noise_mode")
-    return ", ".join(f"{k} {_short_number(trial.params[k])}" for k in keys if k in trial.params
-                     and mode_uses(k, mode))
-
-
-def _short_number(v: str) -> str:
-    try:
-        return f"{float(v):.3g}" if "." in v or "e" in v else v
-    except ValueError:
-        return v
-
-
-def _busy(trials: tuple[TrialSummary, ...], now: float) -> float:
-    """Seconds during which at least one trial ran: the study's time, without the gaps
-    between a stop and its resume or between `extend`s."""
-    spans = sorted((t.start, t.end or now) for t in trials if t.start)
-    total, reach = 0.0, 0.0
-    for start, end in spans:
-        start = max(start, reach)
-        if end > start:
-            total, reach = total + end - start, end
-    return total
-
-
-def progress_lines(view: StudyView, now: float) -> list[str]:
-    """Trials by state, the best so far, iterations per second and an ETA."""
-    counts = {k: sum(t.status == k for t in view.trials) for k in ("FINISHED", "RUNNING", "FAILED", "KILLED")}
-    pending = max(0, view.asked - len(view.trials))
-    lines = [f"trials: {counts['FINISHED']} finished, {counts['RUNNING']} running, {counts['FAILED']} failed, "
-             f"{counts['KILLED']} interrupted, {pending} pending, of {view.asked} asked"]
-    best = _best(view)
-    metric = view.params.get("metric", "psnr_ema")
-    lines.append(f"best so far: {metric} = {best[1]:.4f}  {best[0].trial} ({_searched(view, best[0])})"
-                 if best else f"best so far: no trial has reported {metric} yet")
-    lines += _front_lines(view)
-    if view.status == "RUNNING" and view.gpu_line():
-        lines.append(view.gpu_line())
-    iterations = int(view.params.get("trial.iterations", 0))
-    done = sum(int(t.metrics.get("iteration", 0)) for t in view.trials)
-    elapsed = _busy(view.trials, now)
-    if done and elapsed > 0:
-        rate = done / elapsed
-        line = f"speed: {rate:.1f} iterations/s over {_duration(elapsed)} of trials running ({done} iterations)"
-        if view.status == "RUNNING":
-            running = [t for t in view.trials if t.status == "RUNNING"]
-            left = pending * iterations + sum(max(0, iterations - int(t.metrics.get("iteration", 0)))
-                                              for t in running)
-            line += f"; ETA at most {_duration(left / rate)} (early stopping may end it sooner)"
-        lines.append(line)
-    return lines
-
-
 def cmd_status(ns: argparse.Namespace) -> int:
     from study.tracking import store as tracking
 
@@ -284,10 +196,14 @@ def cmd_status(ns: argparse.Namespace) -> int:
     job = Cluster(url).latest(ns.study) if url else None
     uri = _tracking_uri(ns, job, ns.study)
     if job is not None:
-        print(f"job {job.id}: {job.status} (started {_when(job.start)}"
-              f"{', ended ' + _when(job.end) if job.end else ''}){': ' + job.message if job.terminal and job.message else ''}")
+        print(f"job {job.id}: {job.status} (started {when(job.start)}"
+              f"{', ended ' + when(job.end) if job.end else ''}){': ' + job.message if job.terminal and job.message else ''}")
     try:
         view = tracking.read_study_view(uri, ns.study)
+    except tracking.StoreNotReady:
+        if job is None:
+            raise
+        view = None
     except ValueError as e:
         if job is None:
             raise
@@ -296,13 +212,21 @@ def cmd_status(ns: argparse.Namespace) -> int:
     if view is None:
         if job is None:
             raise ValueError(f"no study {ns.study!r} in the MLflow store {uri!r}")
-        print(f"MLflow: no record of study {ns.study!r} at {uri} yet")
+        print(_not_yet(job, ns.study, uri))
         return 0
     print(f"study {ns.study!r}: {view.status} (parent run {view.parent_run_id}, started "
-          f"{_when(view.start)}), MLflow {uri}")
+          f"{when(view.start)}), MLflow {uri}")
     for line in progress_lines(view, time.time()):
         print("  " + line)
     return 0
+
+
+def _not_yet(job: Job, name: str, uri: str) -> str:
+    """The job runs (or ended) but its driver has not recorded the study at `uri` yet."""
+    if job.terminal:
+        return f"MLflow: no record of study {name!r} at {uri}: job {job.id} ended {job.status} before writing one"
+    return (f"study {name!r} is starting: job {job.id} is {job.status}, and its driver has not "
+            f"recorded the study in MLflow ({uri}) yet")
 
 
 # --- logs, stop ---------------------------------------------------------------------------
@@ -337,16 +261,6 @@ def cmd_stop(ns: argparse.Namespace) -> int:
 
 # --- list ---------------------------------------------------------------------------------
 
-def _row(name: str, view: StudyView | None, store: str, extra: str = "") -> str:
-    if view is None:
-        return f"{name:<24} {'-':>9}  {'-':<9} {'-':>10}  {'-':<16}  {store}{extra}"
-    ended = sum(t.status in ("FINISHED", "FAILED") for t in view.trials)
-    best = _best(view)
-    value = f"{best[1]:.4f}" if best else "-"
-    return (f"{name:<24} {f'{ended}/{view.asked}':>9}  {view.status:<9} {value:>10}  "
-            f"{_when(view.start):<16}  {store}{extra}")
-
-
 @functools.lru_cache(maxsize=None)  # several studies share one store: read it once
 def _views(uri: str) -> dict[str, StudyView]:
     from study.tracking import store as tracking
@@ -369,12 +283,12 @@ def _list_rows(ns: argparse.Namespace) -> list[str]:
     url = _cluster(ns)
     if url:
         latest: dict[str, Job] = {j.study: j for j in Cluster(url).jobs()}  # oldest first: the latest wins
-        return [_row(name, _views(_tracking_uri(ns, j, None)).get(name), f"{j.root}/{name}",
+        return [study_row(name, _views(_tracking_uri(ns, j, None)).get(name), f"{j.root}/{name}",
                      f"  job {j.id} {j.status}") for name, j in latest.items()]
     if ns.tracking_uri:
         from study.tracking import store as tracking
 
-        return [_row(v.name, v, f"{v.params.get('root', '?')}/{v.name}") for v in tracking.study_views(ns.tracking_uri)]
+        return [study_row(v.name, v, f"{v.params.get('root', '?')}/{v.name}") for v in tracking.study_views(ns.tracking_uri)]
     from study.studydir import read_study, study_names
 
     root = common.root(ns)
@@ -383,7 +297,7 @@ def _list_rows(ns: argparse.Namespace) -> list[str]:
     rows = []
     for name in study_names(root):
         s = read_study(root, name).current
-        rows.append(_row(s.name, _views(s.resolved_tracking_uri).get(s.name), str(s.study_dir)))
+        rows.append(study_row(s.name, _views(s.resolved_tracking_uri).get(s.name), str(s.study_dir)))
     return rows
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from study.cli.answer import add_answer_parsers
 from study.cli.jobs import add_parsers as add_job_parsers
@@ -29,9 +31,20 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    ns = parser.parse_args(argv)
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, but an unknown flag is refused with the subcommand's usage (argparse
+    hands a subcommand's leftovers to the top-level parser, whose usage lists commands)."""
+    ns, extra = parser.parse_known_args(argv)
     if ns.command is None:  # the bare command: a small study with the embedded defaults
-        ns = parser.parse_args(["run", *(argv or [])])
+        return _parse(parser, ["run", *argv])
+    if extra:
+        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subs.choices[ns.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    # MLflow's "Downloading artifacts" bars (export, status, report) are noise in a terminal.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    ns = _parse(make_parser(), sys.argv[1:] if argv is None else argv)
     return ns.func(ns)

@@ -130,13 +130,22 @@ def apply_preset(ns: argparse.Namespace) -> argparse.Namespace:
     in_config = set(load_config_file(ns.config)) if getattr(ns, "config", None) else set()
     out = argparse.Namespace(**vars(ns))
     typed_objectives = getattr(ns, "objectives", None)
+    overridden = []
     for k, v in values.items():
         if k == "metric" and typed_objectives:  # typed objectives replace the preset's metric
-            continue
-        if getattr(out, k, None) is None and k not in in_config:
+            overridden.append(f"metric by --objective {typed_objectives[0]}")
+        elif getattr(out, k, None) is None and k not in in_config:
             setattr(out, k, tuple(v) if k == "images" else v)
-    print(f"preset {preset.name} ({profile} profile): {preset.description}", flush=True)
+        elif k != "name":
+            now = "from --config" if getattr(out, k, None) is None else _shown(getattr(out, k))
+            overridden.append(f"{k} {now} (preset: {_shown(v)})")
+    print(f"preset {preset.name} ({profile} profile): {preset.description}"
+          + (f"; overridden: {', '.join(overridden)}" if overridden else ""), flush=True)
     return out
+
+
+def _shown(v: object) -> str:
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
 def add_preset_flag(p: argparse.ArgumentParser) -> None:

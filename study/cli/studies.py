@@ -49,7 +49,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
         best = service.export_study(root(ns), ns.study, out, ns.pick)
     except ValueError as e:
         return user_error(e)
-    print(f"exported trial {best.trial_id} ({best.metric} = {best.value:.4f}, "
+    print(f"exported trial {best.trial} ({best.metric} = {best.value:.4f}, Ray trial id {best.trial_id}, "
           f"MLflow run {best.mlflow_run_id}) to {out}" + (f": {best.picked}" if best.picked else ""))
     return 0
 
@@ -70,15 +70,21 @@ def cmd_ui(ns: argparse.Namespace) -> int:
 
 
 def add_study_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a study: Ray Tune + Optuna, recorded in MLflow")
+    p = sub.add_parser("run", help="run a study: Ray Tune + Optuna, recorded in MLflow",
+                       description="Search DIP configurations with Ray Tune and Optuna, each trial an MLflow "
+                       "child run of the study's parent run; at the end, export the best to ROOT/NAME/best.json.")
     _study_flags(p)
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("resume", help="continue an interrupted study")
+    p = sub.add_parser("resume", help="continue an interrupted study",
+                       description="Continue study NAME from its saved Ray Tune state: interrupted trials "
+                       "go on from their checkpoints in their own MLflow runs.")
     p.add_argument("study", metavar="NAME")
     p.add_argument("--root", help="the study's root [./studies]")
     p.add_argument("--address", help="Ray cluster address [the study's own]")
     p.set_defaults(func=cmd_resume)
-    p = sub.add_parser("export", help="write the best configuration of a study as JSON")
+    p = sub.add_parser("export", help="write the best configuration of a study as JSON",
+                       description="Write study NAME's best trial (its complete config, metrics, trial name "
+                       "and MLflow run) to --out, for `train --config` and `apply --config`.")
     p.add_argument("study", metavar="NAME")
     p.add_argument("--root", help="the study's root [./studies]")
     p.add_argument("--out", required=True, metavar="FILE.json", help="where to write it")
@@ -86,8 +92,11 @@ def add_study_parsers(sub: argparse._SubParsersAction) -> None:
                    "to write, by trial or run name or by its row N in the report's front table "
                    "[the member best on the first objective]")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("ui", help="open the MLflow UI on a root's store")
+    p = sub.add_parser("ui", help="open the MLflow UI on a root's store",
+                       description="Serve the MLflow UI on the root's store (ROOT/mlflow.db) and print each "
+                       "study's link to its trial runs, best first. Ctrl-C stops it.")
     p.add_argument("--root", help="the root [./studies]")
-    p.add_argument("--host", default="127.0.0.1", help="[127.0.0.1]")
-    p.add_argument("--port", type=int, default=5000, help="[5000]")
+    p.add_argument("--host", default="127.0.0.1", help="the address to serve on; 0.0.0.0 for "
+                   "every interface (others can then reach it) [127.0.0.1]")
+    p.add_argument("--port", type=int, default=5000, help="the port to serve on [5000]")
     p.set_defaults(func=cmd_ui)

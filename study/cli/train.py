@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from study.cli.common import user_error
+from study.cli.common import add_threads_flag, set_threads, user_error
 from study.cli.flags import add_config_flags, build_config
 from study.paths import check_writable
 
@@ -19,9 +19,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="a config (or a study export); flags override it")
     p.add_argument("--out", metavar="DIR", help="output folder [runs/train-TIMESTAMP]")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="torch CPU threads [1: as a study's trial with --cpus-per-trial 1, so a "
-                   "replay computes as the trial did; oneDNN splits work by thread count]")
+    add_threads_flag(p)
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -33,12 +31,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from study.engine.train import train
     from study.engine.trial import TrialDiverged, resolve_device
 
-    import torch
-
     try:
-        if ns.threads < 1:
-            raise ValueError(f"--threads {ns.threads} is not allowed; allowed: an integer >= 1")
-        torch.set_num_threads(ns.threads)
+        set_threads(ns.threads)
         cfg = build_config(ns)
         device = resolve_device(cfg.device)
         preflight(cfg)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ParamSpec, TextIO, TypeVar
 
-from study.cluster.runtime import PROJECT_ROOT, RUNTIME_EXCLUDES
+from study.cluster.runtime import PROJECT_ROOT, RUNTIME_EXCLUDES, address_given
 
 if TYPE_CHECKING:  # ray is imported when a Cluster is made, not by the CLI's other commands
     from ray.job_submission import JobDetails
@@ -98,7 +98,8 @@ class Cluster:
             logging.getLogger(name).setLevel(logging.ERROR)
 
         try:
-            self.client = JobSubmissionClient(self.url)
+            with address_given("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):  # the URL given wins
+                self.client = JobSubmissionClient(self.url)
         except AuthenticationError:
             raise ValueError(f"the cluster at {self.url} requires Ray's token and did not get the right one: set "
                              "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, a file) to what `ray get-auth-token` prints "

@@ -2,12 +2,14 @@
 excludes), joining or starting a cluster, and SIGTERM handled as Ctrl-C."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 from pathlib import Path
 from types import FrameType
+from typing import Iterator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Shipped to every worker as the job's working_dir (so a real cluster runs this code).
@@ -42,6 +44,19 @@ def job_working_dir() -> str | None:
         return None
 
 
+@contextlib.contextmanager
+def address_given(*variables: str) -> Iterator[None]:
+    """Without `variables` in the environment for a while: Ray lets RAY_ADDRESS and
+    RAY_API_SERVER_ADDRESS override an address passed to it (ray/_private/services.py
+    get_ray_address_from_environment, ray/dashboard/utils.py
+    get_address_for_submission_client), but a flag on the command line must win."""
+    saved = {k: os.environ.pop(k) for k in variables if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def _check_address(address: str) -> None:
     if address in ("", "auto") or address.startswith("ray://"):
         return
@@ -73,8 +88,10 @@ def connect(address: str) -> None:
         runtime_env = None
     import ray  # here, not at the top: the job commands use this module without starting Ray
 
+    explicit = address not in ("", "auto")  # '' and 'auto' leave the choice to RAY_ADDRESS
     try:
-        ray.init(address=address or None, runtime_env=runtime_env, include_dashboard=False,
-                 logging_level="WARNING", ignore_reinit_error=True)
+        with address_given(*(["RAY_ADDRESS"] if explicit else [])):
+            ray.init(address=address or None, runtime_env=runtime_env, include_dashboard=False,
+                     logging_level="WARNING", ignore_reinit_error=True)
     except ConnectionError as e:
         raise ValueError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None

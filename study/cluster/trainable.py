@@ -109,9 +109,10 @@ def dip_trainable(config: JsonObject, ctx: StudyContext) -> None:
     # One "Checkpoint successfully created" line per report drowns the progress table.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     tctx, sender = tune.get_context(), RelaySender(ctx.relay)
-    # The run is named for what the trial tries (`ddpm_resample t=120 lr=3.2e-03`), so the
-    # runs table and chart legends read without opening runs; Tune's name goes in a tag.
-    name = trial_run_name(cfg.to_dict(), list(config))
+    # The run is named by the trial's name and what it tries (`trial_0003 ddpm_resample
+    # t=120 lr=3.2e-03`), so the runs table and chart legends read without opening runs,
+    # and the name the summary gives finds the run; Tune's name also goes in a tag.
+    name = trial_run_name(cfg.to_dict(), list(config), tctx.get_trial_name())
     # Its params are what the space set: MLflow prints them all above every image card, and
     # a whole config there hides the images. The whole config goes in the dip.config tag.
     used = cfg.used_dict()

@@ -5,6 +5,7 @@ the relay that carries MLflow writes relay.py's."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -237,10 +238,19 @@ def restore_tuner(s: StudyConfig, ctx: StudyContext) -> tune.Tuner:
                               resume_unfinished=True, resume_errored=False)
 
 
+def _no_restore_hint(record: logging.LogRecord) -> bool:
+    """Drops Tune's "Resume experiment with: Tuner.restore(...)" after Ctrl-C (ray/tune/tune.py):
+    the service prints the project's own resume command, the one that works."""
+    return "Tuner.restore(" not in record.getMessage()
+
+
 def fit(tuner: tune.Tuner, s: StudyConfig) -> FitSummary:
     """Run the study. On SIGINT Tune returns normally and marks the trials it interrupted
     TERMINATED, like finished ones, so a trial counts as ended only when the callback saw
     it end (`read_trials`): the study is complete when every asked-for trial did."""
+    tune_log = logging.getLogger("ray.tune.tune")
+    if _no_restore_hint not in tune_log.filters:
+        tune_log.addFilter(_no_restore_hint)
     grid = tuner.fit()
     seen = read_trials(str(s.ended_file))
     # Trials the driver saw start but Tune no longer knows: a killed driver's saved state

@@ -68,7 +68,7 @@ def _draw_scatter(pts: list[TrialRow], x: str, metric: str, path: Path, log: boo
 def _image_section(rows: list[TrialRow], facts: list[ImageFacts], base: TrialConfig) -> tuple[str, str]:
     labels = [f.label for f in facts]
     modes = [m for m in NOISE_MODES if any(r.mode == m and r.state == "completed" for r in rows)]
-    bl = {"denoise": "BM3D", "sr": "bicubic"}.get(base.task)
+    bl = {"denoise": "BM3D", "sr": "bicubic"}.get(base.task) if any(f.baseline is not None for f in facts) else None
     body, by_mode = [], {}
     for f in sorted(facts, key=lambda f: f.brightness):
         key = image_key(HONEST, f.label, labels)
@@ -253,7 +253,8 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
         best_grid(facts, outputs, out / "best_outputs.png")
     image_table, per_mode = _image_section(rows, facts, s.trial)
     optuna_figs = optuna_figures(s.study_dir, s.name, out, s.metric)
-    bl = {"denoise": "BM3D (PyPI `bm3d`, sigma given)", "sr": "bicubic upsampling"}.get(s.trial.task)
+    bl = {"denoise": "BM3D (PyPI `bm3d`, sigma given)", "sr": "bicubic upsampling"}.get(s.trial.task) if baseline else None
+    no_bl = "none for this task" if baseline else "none (report --no-baseline)"
     parts = [
         _header(s, rows, meta, searched),
         "## The answer\n", _headline(rows, facts, s, best) + "\n", _best_section(best, s, searched) + "\n", _darkness_sentence(rows, facts) + "\n",
@@ -261,10 +262,10 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
         "## Per input mode\n", mode_section(rows, s.metric) + "\n",
         "Honest final, honest autostop and oracle best, per input mode and per image:\n",
         three_section(rows, facts) + "\n", *[f + "\n" for f in _figures(rows, facts, s, out)],
-        "## Per image\n", f"Baseline: {bl or 'none for this task'}, on the very observations the trials "
-        "fitted (same seeds), averaged over repeats. " + observation_check(rows, facts)[1]
+        "## Per image\n", (f"Baseline: {bl}, on the very observations the trials fitted (same seeds), "
+                            "averaged over repeats. " if bl else f"Baseline: {no_bl}. ") + observation_check(rows, facts)[1]
         + (f" At {s.trial.size} px BM3D finds few similar blocks to group, so it is handicapped; "
-           "docs/science.md gives its figures at 128-512 px." if s.trial.task == "denoise" and s.trial.size < 128 else "")
+           "docs/science.md gives its figures at 128-512 px." if bl and s.trial.task == "denoise" and s.trial.size < 128 else "")
         + "\n",
         image_table + "\n",
         f"Median {HONEST} by input mode (completed trials):\n", per_mode + "\n",
@@ -272,8 +273,8 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
     if best is not None:
         parts += ["## The best configuration's output\n",
                   f"Per image: observation | best trial's output ({HONEST} image, repeat 0) | "
-                  f"{bl.split(' (')[0] if bl else 'no baseline'} | clean.\n",
-                  "![observation, output, baseline, clean](best_outputs.png)\n"]
+                  + (f"{bl.split(' (')[0]} | " if bl else "") + "clean.\n",
+                  f"![observation, output, {'baseline, ' if bl else ''}clean](best_outputs.png)\n"]
     parts.append("## Optuna's view\n")
     parts += [f"![{t}]({f})\n" if f else f"- {t}\n" for f, t in optuna_figs] or \
         ["No Optuna record (ROOT/NAME/optuna.db) for this study.\n"]

@@ -75,16 +75,17 @@ def image_facts(base: TrialConfig, baseline: bool) -> list[ImageFacts]:
 
 
 def best_grid(facts: list[ImageFacts], best_images: list[torch.Tensor | None], path: Path) -> None:
-    """Per image one row: observation | best configuration's output | baseline | clean."""
+    """Per image one row: observation | best configuration's output | baseline | clean; no
+    baseline column when no image has one (report --no-baseline, or a task without one)."""
     from torchvision.utils import make_grid, save_image
 
-    tiles = []
+    tiles, with_baseline = [], any(f.baseline is not None for f in facts)
     for f, out in zip(facts, best_images, strict=True):
-        row = [f.observation, out, f.baseline, f.clean]
+        row = [f.observation, out, *([f.baseline] if with_baseline else []), f.clean]
         tiles += [(t if t is not None else torch.zeros_like(f.clean)).expand(1, 3, -1, -1) for t in row]
     k = max(1, 128 // tiles[0].shape[-1])  # small study images shown at >= 128 px, pixels kept
     tiles = [torch.nn.functional.interpolate(t, scale_factor=k, mode="nearest")[0] for t in tiles]
-    save_image(make_grid(tiles, nrow=4, padding=2, pad_value=1.0), path)
+    save_image(make_grid(tiles, nrow=4 if with_baseline else 3, padding=2, pad_value=1.0), path)
 
 
 def best_output(uri: str, run_id: str, label: str, several: bool) -> torch.Tensor | None:

@@ -25,7 +25,7 @@ THREE = ((HONEST, "honest final"), (AUTOSTOP, "honest autostop"), (ORACLE, "orac
 class TrialRow:
     """One trial as the report needs it (from its MLflow child run)."""
 
-    name: str
+    name: str                  # the trial's name, trial_NNNN (its MLflow run's name begins with it)
     run_id: str
     state: str                 # completed, stopped early, failed, or the run's status
     mode: str
@@ -51,7 +51,7 @@ def trial_rows(runs: list[TrialSummary], base: TrialConfig) -> list[TrialRow]:
         p = r.params
         mode = p.get("noise_mode", base.noise_mode)
         t = int(p.get("timestep", base.timestep)) if mode_uses("timestep", mode) else None
-        rows.append(TrialRow(r.name, r.run_id, r.state, mode, t, float(p.get("lr", base.lr)),
+        rows.append(TrialRow(r.trial, r.run_id, r.state, mode, t, float(p.get("lr", base.lr)),
                              int(r.metrics.get("iteration", 0)), r.metrics, p.get("loss", base.loss)))
     return sorted(rows, key=lambda row: row.name)
 
@@ -139,7 +139,7 @@ def trials_appendix(rows: list[TrialRow], metric: str, base: TrialConfig, search
 
     body = [[r.name, f"`{tries(r, base, searched)}`", r.state, str(r.iteration), *[fmt(r.value(k)) for k in keys]]
             for r in sorted(rows, key=order)]
-    head = ["run", "what it tries", "state", "iterations", *[f"{k} (oracle)" if k == ORACLE else k for k in keys]]
+    head = ["trial", "what it tries", "state", "iterations", *[f"{k} (oracle)" if k == ORACLE else k for k in keys]]
     return "## Every trial\n\n" + table(head, body) + "\n"
 
 

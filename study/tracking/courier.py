@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from study.paths import JsonObject
 from study.tracking.records import TRIAL_TAG, DeliveryStatus
 from study.tracking.spool import Record, Spool
-from study.tracking.store import REASON_TAG, TERMINAL
+from study.tracking.store import REASON_TAG, TERMINAL, writer_client
 
 
 def _find_trial_run(client: MlflowClient, experiment_id: str, trial_id: str) -> Run | None:
@@ -59,7 +59,7 @@ class Courier:
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.spool, self.uri, self.say, self.max_backoff = spool, uri, say, max_backoff
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = writer_client(uri)
         self.skipped = 0                  # records the server refused for good
         self.down_since: float | None = None
         self._runs: dict[str, str] = {}   # trial id -> run id

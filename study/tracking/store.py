@@ -14,13 +14,16 @@ relay stores in a durable spool (study/tracking/spool.py) and a `Courier` thread
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import sqlite3
 import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from mlflow.entities import Experiment, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
@@ -62,6 +65,52 @@ def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
             f"unsupported tracking URI {uri!r}; allowed: http(s)://host:port, sqlite:///ABS/PATH.db, "
             "postgresql://..., mysql://..."
         )
+
+
+class StoreNotReady(ValueError):
+    """A study's sqlite store that its driver has not created (or finished migrating) yet."""
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def _creating(uri: str) -> Iterator[None]:
+    """One process at a time creates or migrates a sqlite store: MLflow 3.17's
+    SqlAlchemyStore runs every migration when it opens a store without all its tables, and
+    two at once fail (`table ... already exists`, alembic's `expected to match one row`).
+    Readers never get here: they wait for `_ready`."""
+    path = _sqlite_path(uri)
+    if path is None:  # a server or a database owns its own schema
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _ready(path: Path) -> bool:
+    """The store at `path` is at MLflow's schema head and has its default experiment, so
+    opening it writes nothing. Read with sqlite3, read-only: MLflow would migrate."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+            version = db.execute("SELECT version_num FROM alembic_version").fetchall()
+            default = db.execute("SELECT 1 FROM experiments WHERE experiment_id = 0").fetchall()
+    except sqlite3.Error:  # no such table yet, or the file is not a database yet
+        return False
+    return version == [(_get_latest_schema_revision(),)] and bool(default)
+
+
+def writer_client(uri: str) -> MlflowClient:
+    """A client that may create the store: the driver's (StudyTracker) and the relay's."""
+    with _creating(uri):
+        return MlflowClient(tracking_uri=uri)
 
 
 def _flat_params(d: JsonObject) -> list[Param]:
@@ -122,7 +171,7 @@ class StudyTracker:
     the server was just checked), reads for the export, and records for everything after."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = writer_client(uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             # The kind tells MLflow 3's UI to open on the runs table, not the GenAI overview.
@@ -207,9 +256,13 @@ class StudyView:
 
 
 def _read_client(uri: str) -> MlflowClient:
+    """A client that never creates or migrates the store (see `_creating`)."""
+    path = _sqlite_path(uri)
+    if path is not None and not (path.is_file() and _ready(path)):
+        raise StoreNotReady(f"no MLflow store at {uri!r}" if not path.is_file() else
+                            f"the MLflow store at {uri!r} is not ready: its driver is creating it, or an "
+                            f"older MLflow made it (then `mlflow db upgrade {uri}`)")
     check_tracking_uri(uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise ValueError(f"no MLflow store at {uri!r}")
     return MlflowClient(tracking_uri=uri)
 
 
