@@ -61,8 +61,7 @@ def trial_run_name(cfg: Mapping[str, object], searched: list[str]) -> str:
     """What a trial tries, for its MLflow run name: e.g. `ddpm_resample t=120 lr=3.2e-03`.
     The input mode comes first and bare; fields its mode or loss does not use are left
     out (a uniform trial has no t, an MSE trial no sigma_est); with nothing searched, the
-    mode alone. `cfg`: a trial's
-    config as a mapping (TrialConfig.to_dict())."""
+    mode alone. `cfg`: a trial's config as a mapping (TrialConfig.to_dict())."""
     mode = str(cfg["noise_mode"])
     parts = [mode]
     for name in searched:

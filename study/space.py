@@ -116,6 +116,10 @@ class SearchSpace:
     """Parsed, validated space; callable as Optuna's define-by-run function (a class, not a
     closure, so Ray can pickle it into the searcher's checkpoint)."""
 
+    # The base config's loss (what a trial not asked `loss` trains with); a class default
+    # too, so a space pickled before the field existed (a resumed study) still loads.
+    base_loss = "mse"
+
     def __init__(self, spec: JsonObject, base: TrialConfig):
         if not isinstance(spec, dict) or not spec:
             raise ValueError("a search space must be a non-empty mapping of parameter to range")
@@ -137,9 +141,9 @@ class SearchSpace:
         of the space it is applied to (`_applies`)."""
         modes = next((p.extremes() for p in self.params if p.name == "noise_mode"), [base.noise_mode])
         for p in self.params:
+            loss = LOSS_ONLY.get(p.name, (base.loss,))[0]  # a loss that uses the field
             for v in p.extremes():
-                for mode in ([v] if p.name == "noise_mode" else
-                             [m for m in modes if _applies(p, m, LOSS_ONLY.get(p.name, (base.loss,))[0])]):
+                for mode in ([v] if p.name == "noise_mode" else [m for m in modes if _applies(p, m, loss)]):
                     try:
                         base.replace(**{"noise_mode": mode, p.name: v})
                     except (ValueError, TypeError) as e:
