@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
-from study.modes import DDPM_MODES, NOISE_MODES, NoiseMode, mode_uses
+from study.modes import DDPM_MODES, NOISE_MODES, NoiseMode, config_uses
 from study.objectives import METRICS, OBJECTIVE_METRICS, check_objectives, parse_objective, split
 from study.paths import JsonObject
 
@@ -83,6 +83,8 @@ class TrialConfig:
     repeats: int = 1              # networks per image, seeds seed..seed+repeats-1 (repeat r = a trial
                                   # with seed + r); the objective is the mean over images x repeats
     device: str = "auto"          # auto: cuda if available, else cpu
+    sigma_estimate: bool = False  # loss sure: use the noise sigma estimated from each network's observation
+                                  # (noise/sigma.py), not `sigma`; the degradation still adds `sigma`
 
     def __post_init__(self) -> None:
         # Ray and JSON hand lists back; keep the config hashable and comparable.
@@ -109,9 +111,10 @@ class TrialConfig:
         return d
 
     def used_dict(self) -> JsonObject:
-        """The fields this trial's input mode uses (what MLflow shows as its params: a
-        uniform trial has no timestep); `to_dict` stays the complete record."""
-        return {k: v for k, v in self.to_dict().items() if mode_uses(k, self.noise_mode)}
+        """The fields this trial's input mode (and loss) uses (what MLflow shows as its
+        params: a uniform trial has no timestep); `to_dict` stays the complete record."""
+        d = self.to_dict()
+        return {k: v for k, v in d.items() if config_uses(k, d)}
 
     @classmethod
     def from_dict(cls, d: JsonObject) -> "TrialConfig":
@@ -243,6 +246,8 @@ def validate(c: TrialConfig) -> None:
     _number("seed", c.seed, int, 0, 2**63 - 1)
     # Every network of a trial is trained at once, so this bounds the memory a trial takes.
     _number("repeats", c.repeats, int, 1, 256)
+    if not isinstance(c.sigma_estimate, bool):
+        raise ValueError(f"sigma_estimate must be true or false, got {c.sigma_estimate!r}")
     if not isinstance(c.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
         raise ValueError(f"unknown device {c.device!r}; allowed: auto, cpu, cuda, cuda:N")
 

@@ -1,6 +1,7 @@
-"""Input modes, and the one owner of the rule "this field only matters for some modes":
-the search space asks such a field only for those modes, run names (`trial_run_name`),
-MLflow params, the report and `status` show it only for them. Standard library only.
+"""Input modes, and the one owner of the rule "this field only matters for some modes"
+(or some losses): the search space asks such a field only for those, run names
+(`trial_run_name`), MLflow params, the report and `status` show it only for them.
+Standard library only.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ MODE_ONLY = {"timestep": DDPM_MODES, "reg_noise_std": ("uniform",)}
 # Fields the search space asks only for some modes, though every mode uses them: SURE
 # differs from MSE only for the inputs built from the observation (study/config.py `check_sure`).
 SEARCHED_ONLY = {"loss": DDPM_MODES}
+# Fields that only matter for some losses (the loss is a field value, not a mode): the
+# space asks them, run names and MLflow params show them, only for those losses.
+# sigma_estimate: only SURE uses the noise sigma in training (study/engine/sigma.py).
+LOSS_ONLY = {"sigma_estimate": ("sure",)}
 
 
 def mode_uses(name: str, mode: str) -> bool:
@@ -31,8 +36,19 @@ def mode_searches(name: str, mode: str) -> bool:
     return mode_uses(name, mode) and mode in SEARCHED_ONLY.get(name, (mode,))
 
 
+def loss_uses(name: str, loss: str) -> bool:
+    """Whether field `name` matters for a trial of loss `loss` (see LOSS_ONLY)."""
+    return loss in LOSS_ONLY.get(name, (loss,))
+
+
+def config_uses(name: str, cfg: Mapping[str, object]) -> bool:
+    """Whether field `name` matters for the trial of `cfg` (a TrialConfig.to_dict()): its
+    input mode uses it (MODE_ONLY) and its loss does (LOSS_ONLY)."""
+    return mode_uses(name, str(cfg["noise_mode"])) and loss_uses(name, str(cfg["loss"]))
+
+
 # Short labels of searched fields in run names; the others show as `field=value`.
-RUN_NAME_LABELS = {"timestep": "t", "reg_noise_std": "reg"}
+RUN_NAME_LABELS = {"timestep": "t", "reg_noise_std": "reg", "sigma_estimate": "sigma_est"}
 
 
 def _run_name_value(v: object) -> str:
@@ -43,15 +59,16 @@ def _run_name_value(v: object) -> str:
 
 def trial_run_name(cfg: Mapping[str, object], searched: list[str], trial: str = "") -> str:
     """What a trial tries, for its MLflow run name: e.g. `ddpm_resample t=120 lr=3.2e-03`.
-    The input mode comes first and bare; fields its mode does not use are left out (a
-    uniform trial has no t); with nothing searched, the mode alone. `cfg`: a trial's
-    config as a mapping (TrialConfig.to_dict()). `trial`: the trial's name (Tune's
-    trial_NNNN, the one name that the summary, status, export, best.json and the report
-    use), put first, so that the MLflow UI's search finds the run by it."""
+    The input mode comes first and bare; fields its mode or loss does not use are left
+    out (a uniform trial has no t, an MSE trial no sigma_est); with nothing searched, the
+    mode alone. `cfg`: a trial's config as a mapping (TrialConfig.to_dict()). `trial`: the
+    trial's name (Tune's trial_NNNN, the one name that the summary, status, export,
+    best.json and the report use), put first, so that the MLflow UI's search finds the run
+    by it."""
     mode = str(cfg["noise_mode"])
     parts = [trial, mode] if trial else [mode]
     for name in searched:
-        if name == "noise_mode" or not mode_uses(name, mode):
+        if name == "noise_mode" or not config_uses(name, cfg):
             continue
         parts.append(f"{RUN_NAME_LABELS.get(name, name)}={_run_name_value(cfg[name])}")
     return " ".join(parts)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from study import export
 from study import studydir, warmstart
 from study.config import StudyConfig
-from study.modes import mode_uses
+from study.modes import config_uses
 from study.results import BestTrial, FitSummary
 from study.studydir import StudyRecord, StudyStage, read_study
 from study.engine.images import preflight
@@ -205,7 +205,7 @@ def _print_done(s: StudyConfig, best: BestTrial | None, summary: FitSummary,
         return
     cfg = best.config
     shown = ", ".join(f"{k} {_fmt(cfg[k])}" for k in searched if k in cfg
-                      and mode_uses(k, cfg["noise_mode"]))
+                      and config_uses(k, cfg))
     if best.objectives:
         goals = ", ".join(f"{o['metric']} {o['mode']}" for o in best.objectives)
         print(f"Pareto front: {best.front_size} of {summary.ended} trials ({goals}); exported: {best.picked}")

@@ -24,7 +24,7 @@ import yaml
 
 from study.config import TrialConfig
 from study.paths import Json, JsonObject
-from study.modes import NOISE_MODES, mode_searches, mode_uses
+from study.modes import LOSS_ONLY, NOISE_MODES, loss_uses, mode_searches, mode_uses
 
 # The default space: every input mode, t over the useful range of the linear schedule
 # (alpha_bar_300 = 0.39: past that little of the image survives), lr on a log scale.
@@ -116,6 +116,10 @@ class SearchSpace:
     """Parsed, validated space; callable as Optuna's define-by-run function (a class, not a
     closure, so Ray can pickle it into the searcher's checkpoint)."""
 
+    # The base config's loss (what a trial not asked `loss` trains with); a class default
+    # too, so a space pickled before the field existed (a resumed study) still loads.
+    base_loss = "mse"
+
     def __init__(self, spec: JsonObject, base: TrialConfig):
         if not isinstance(spec, dict) or not spec:
             raise ValueError("a search space must be a non-empty mapping of parameter to range")
@@ -124,7 +128,11 @@ class SearchSpace:
             if name not in fields or name in NOT_SEARCHABLE:
                 allowed = sorted(fields - set(NOT_SEARCHABLE))
                 raise ValueError(f"unknown search-space parameter {name!r}; allowed: {', '.join(allowed)}")
-        self.params = [_parse_param(n, s, base) for n, s in spec.items()]
+        # Fields that hang on the loss (study/modes.py LOSS_ONLY) come after it, so the
+        # trial's loss is known when they are asked; the others keep the file's order.
+        order = sorted(spec, key=lambda n: n in LOSS_ONLY)
+        self.params = [_parse_param(n, spec[n], base) for n in order]
+        self.base_loss = base.loss
         self.spec = {p.name: p.to_spec() for p in self.params}
         self._check(base)
 
@@ -133,8 +141,9 @@ class SearchSpace:
         of the space it is applied to (`_applies`)."""
         modes = next((p.extremes() for p in self.params if p.name == "noise_mode"), [base.noise_mode])
         for p in self.params:
+            loss = LOSS_ONLY.get(p.name, (base.loss,))[0]  # a loss that uses the field
             for v in p.extremes():
-                for mode in ([v] if p.name == "noise_mode" else [m for m in modes if _applies(p, m)]):
+                for mode in ([v] if p.name == "noise_mode" else [m for m in modes if _applies(p, m, loss)]):
                     try:
                         base.replace(**{"noise_mode": mode, p.name: v})
                     except (ValueError, TypeError) as e:
@@ -149,7 +158,8 @@ class SearchSpace:
         fixed: JsonObject = {}
         for p in self.params:
             mode = chosen.get("noise_mode", fixed.get("noise_mode"))
-            if mode is not None and not _applies(p, mode):
+            loss = chosen.get("loss", fixed.get("loss", self.base_loss))
+            if not _applies(p, mode, loss):
                 continue
             if p.kind == "fixed":
                 fixed[p.name] = p.choices[0]
@@ -169,10 +179,16 @@ class SearchSpace:
         return [{"noise_mode": m} for m in modes[:max(n, 0)]]
 
 
-def _applies(p: Param, mode: str) -> bool:
-    """Whether a trial of input mode `mode` takes `p`: a fixed value wherever the mode uses
-    the field (study/modes.py MODE_ONLY), a searched one where the space asks it for that
-    mode (SEARCHED_ONLY: `loss` for the DDPM modes only)."""
+def _applies(p: Param, mode: str | None, loss: str) -> bool:
+    """Whether a trial of input mode `mode` (None: not known here, any) and loss `loss`
+    takes `p`: a fixed value wherever the mode uses the field (study/modes.py MODE_ONLY),
+    a searched one where the space asks it for that mode (SEARCHED_ONLY: `loss` for the
+    DDPM modes only); either only where the loss uses it (LOSS_ONLY: `sigma_estimate`
+    for SURE only)."""
+    if not loss_uses(p.name, loss):
+        return False
+    if mode is None:
+        return True
     return mode_uses(p.name, mode) if p.kind == "fixed" else mode_searches(p.name, mode)
 
 
@@ -298,17 +314,19 @@ def fits(space: SearchSpace, params: JsonObject) -> bool:
     """Whether the new `space` could have asked a trial with these `params` (an earlier
     study's Optuna record): the very names `SearchSpace.__call__` suggests for the trial's
     input mode, each value inside its distribution."""
-    asked, mode = set(), None
+    asked, mode, loss = set(), None, space.base_loss
     for p in space.params:
-        if mode is not None and not _applies(p, mode):
+        if not _applies(p, mode, loss):
             continue
         if p.kind == "fixed":
             mode = p.choices[0] if p.name == "noise_mode" else mode
+            loss = p.choices[0] if p.name == "loss" else loss
             continue
         if p.name not in params or not p.contains(params[p.name]):
             return False
         asked.add(p.name)
         mode = params[p.name] if p.name == "noise_mode" else mode
+        loss = params[p.name] if p.name == "loss" else loss
     return asked == set(params)
 
 

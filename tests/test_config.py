@@ -200,4 +200,6 @@ def test_used_dict_holds_only_the_fields_the_mode_uses():
     uniform, ddpm = TrialConfig(noise_mode="uniform"), TrialConfig(noise_mode="ddpm")
     assert "timestep" not in uniform.used_dict() and "reg_noise_std" in uniform.used_dict()
     assert "timestep" in ddpm.used_dict() and "reg_noise_std" not in ddpm.used_dict()
-    assert set(uniform.to_dict()) - set(uniform.used_dict()) == {"timestep"}
+    # sigma_estimate matters only with SURE (study/modes.py LOSS_ONLY)
+    assert set(uniform.to_dict()) - set(uniform.used_dict()) == {"timestep", "sigma_estimate"}
+    assert "sigma_estimate" in TrialConfig(noise_mode="ddpm", loss="sure").used_dict()

@@ -45,6 +45,10 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
                            help=f"bundled image name, PNG/JPEG file or folder [{' '.join(f.default)}]")
             continue
         typ, choices = _field_type(f)
+        if typ is bool:  # a switch: `--sigma-estimate` sets it (type=bool would read "False" as true)
+            g.add_argument(flag, dest=f.name, action="store_const", const=True, default=None,
+                           help=f"[{f.default}]")
+            continue
         g.add_argument(flag, dest=f.name, type=typ, default=None, metavar=None if choices else typ.__name__.upper(),
                        help=f"[{DEFAULT_TEXT.get(f.name, f.default)}]" + (f" one of: {', '.join(choices)}" if choices else ""))
 

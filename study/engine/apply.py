@@ -35,6 +35,7 @@ from study.config import TrialConfig
 from study.engine import images as img
 from study.engine.images import Degraded, upsample
 from study.engine.pack import network_for
+from noise.sigma import estimate_sigma
 from study.engine.trial import Trial, TrialDiverged, resolve_device, run_trial
 from study.paths import write_json
 
@@ -52,6 +53,7 @@ class ApplyOptions:
     patience: int | None = None   # ES-WMV patience [the config's; paper: 1000]
     max_iterations: int = 10000   # --stop auto: upper bound
     quiet: bool = False
+    sigma: str | None = None      # denoise: "auto" (estimated from the image) or a number in (0, 1]; None: auto
 
     def __post_init__(self) -> None:
         if self.task not in APPLY_TASKS:
@@ -60,12 +62,46 @@ class ApplyOptions:
             raise ValueError(f"unknown --stop {self.stop!r}; allowed: auto (ES-WMV), or leave it out")
         if (self.mask is not None) != (self.task == "inpaint"):
             raise ValueError("--mask goes with --task inpaint, and --task inpaint needs --mask MASK.png")
+        check_sigma(self.sigma, self.task)
         for name in ("sr_factor", "window", "patience", "max_iterations"):
             v, lo = getattr(self, name), 2 if name == "sr_factor" else 1
             if v is None and name in ("window", "patience"):
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"--{name.replace('_', '-')} = {v!r} is not allowed; allowed: an integer >= {lo}")
+
+
+def check_sigma(sigma: str | None, task: str) -> None:
+    """`--sigma`: auto or a number in (0, 1], and only for denoising."""
+    if sigma is None:
+        return
+    if task != "denoise":
+        raise ValueError(f"--sigma {sigma} goes with --task denoise only (task here: {task}); "
+                         "allowed: leave --sigma out")
+    if sigma == "auto":
+        return
+    try:
+        v = float(sigma)
+    except ValueError:
+        v = math.nan
+    if not 0 < v <= 1:
+        raise ValueError(f"--sigma {sigma!r} is not allowed; allowed: auto, or a number in (0, 1] "
+                         "on the image's [0, 1] scale (0.098 for 25/255)")
+
+
+def choose_sigma(cfg: TrialConfig, y: torch.Tensor,
+                 opts: ApplyOptions) -> tuple[TrialConfig, dict[str, float | str]]:
+    """Denoise: the sigma the network uses, given (`--sigma S`) or estimated from the
+    user's image `y` (noise/sigma.py, one value over the channels), set as the config's
+    `sigma` (so SURE uses it; with MSE it only tells how noisy the image is). Other
+    tasks: the config unchanged, no record."""
+    if opts.task != "denoise":
+        return cfg, {}
+    if opts.sigma not in (None, "auto"):
+        sigma, source = float(opts.sigma), "given"
+    else:
+        sigma, source = estimate_sigma(y), "estimated"
+    return cfg.replace(sigma=sigma, sigma_estimate=False), {"sigma": sigma, "sigma_source": source}
 
 
 Picture = img.Pixels  # a user's image: pixels, the mode to write back, its alpha
@@ -214,15 +250,19 @@ def apply(cfg: TrialConfig, image: str, out: Path, opts: ApplyOptions,
     device = resolve_device(cfg.device)
     prob = make_problem(pic.x, opts, mask, 2 ** cfg.scales)
     h, w = pic.x.shape[-2:]
+    cfg, noise = choose_sigma(cfg, pic.x, opts)
     if not opts.quiet:
         progress(f"restoring {image} ({w}x{h} {pic.mode}, {opts.task}) with {cfg.net} "
-                 f"{cfg.noise_mode}{f' t={cfg.timestep}' if cfg.is_ddpm else ''} lr {cfg.lr} on {device}; "
+                 f"{cfg.noise_mode}{f' t={cfg.timestep}' if cfg.is_ddpm else ''} lr {cfg.lr} {cfg.loss} on {device}; "
                  f"padded to {prob.observation.shape[-1]}x{prob.observation.shape[-2]}")
+        if noise:
+            progress(f"noise sigma {noise['sigma']:.4f} ({255 * noise['sigma']:.1f}/255), {noise['sigma_source']}"
+                     + ("" if cfg.loss == "sure" else f"; the {cfg.loss} loss does not use it"))
     restored, record = fit(cfg, prob, opts, device, (lambda s: None) if opts.quiet else progress)
     write_picture(restored, pic, out)
     info = {"image": str(image), "out": str(out), "task": opts.task, "size_in": [w, h],
             "size_out": [restored.shape[-1], restored.shape[-2]], "mode": pic.mode,
-            "device": str(device), **record,
+            "device": str(device), **noise, **record,
             "config": cfg.to_dict() | {"images": [str(image)]}}
     if opts.task == "sr":
         info["sr_factor"] = opts.sr_factor

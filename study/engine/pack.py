@@ -22,6 +22,7 @@ from study.config import TrialConfig
 from study.engine import images as img
 from study.engine.autostop import AutoStop
 from study.engine.metrics import psnr_batch
+from study.engine.sigma import used_sigma
 from study.engine.sure import sure_losses
 
 SEED_STRIDE = 7919  # seeds of image j in a trial of seed s: s + j * SEED_STRIDE + {0, 1, 2}
@@ -74,6 +75,8 @@ class Network:
     eval_gen: torch.Generator            # evaluation draws: reports never change training
     init_seed: int                       # network initialisation
     probe_gen: torch.Generator           # SURE's probes (its own: the other draws stay as with mse)
+    sigma: float = 0.0                   # the noise sigma it uses (study/engine/sigma.py `used_sigma`)
+    sigma_source: str = "given"          # "estimated" from its observation, or "given" (cfg.sigma)
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -102,8 +105,9 @@ def network_for(cfg: TrialConfig, data: img.Degraded, label: str, repeat: int, s
         cfg.noise_mode, data.input_image, timestep=cfg.timestep, input_depth=cfg.input_depth,
         reg_noise_std=cfg.reg_noise_std, alphas_cumprod=acp, generator=gen,
     )
+    sigma, source = used_sigma(cfg, data.observation)
     return Network(label, repeat, trial_seed, data, dip_input, Draw(dip_input), gen,
-                   _generator(device, seed + 2), seed, _generator(device, seed + 3))
+                   _generator(device, seed + 2), seed, _generator(device, seed + 3), sigma, source)
 
 
 def unique_labels(specs: list[str]) -> list[str]:
@@ -167,7 +171,11 @@ class Pack:
         self.diverged_at = torch.zeros(k, dtype=torch.long, device=device)
         self.diverged_loss = torch.zeros(k, device=device)
         self.last_output: torch.Tensor | None = None      # from the latest evaluation
-        self.sigma = cfg.sigma
+        # Each network's sigma; a float when they share one (the config's), so the
+        # arithmetic, and the numbers, stay those of a plain float sigma.
+        sigmas = [n.sigma for n in networks]
+        self.sigma: float | torch.Tensor = (sigmas[0] if len(set(sigmas)) == 1
+                                            else torch.tensor(sigmas, device=device))
         self.autostop = AutoStop(cfg.window, cfg.patience, self.ema.shape,
                                  crop or tuple(self.ema.shape[-2:]), device)
 

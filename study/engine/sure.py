@@ -29,11 +29,12 @@ SURE_EPSILON = 1e-3
 
 
 def sure_losses(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor,
-                gain: torch.Tensor, out: torch.Tensor, err: torch.Tensor, sigma: float,
-                probe: torch.Tensor) -> torch.Tensor:
+                gain: torch.Tensor, out: torch.Tensor, err: torch.Tensor,
+                sigma: float | torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
     """SURE of K networks, (K,): `forward` maps K inputs to K outputs, `z` (K, C, H, W) the
-    inputs that gave `out`, `gain` (K,) d(input)/d(y), `err` = out - y, `probe` b (K, C,
-    H, W) ~ N(0, I) drawn from the networks' own probe generators."""
+    inputs that gave `out`, `gain` (K,) d(input)/d(y), `err` = out - y, `sigma` one for
+    all or (K,) one per network, `probe` b (K, C, H, W) ~ N(0, I) drawn from the networks'
+    own probe generators."""
     e = SURE_EPSILON
     shifted = forward(z + (gain * e).view(-1, 1, 1, 1) * probe)
     n = err[0].numel()

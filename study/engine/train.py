@@ -44,6 +44,10 @@ def train(cfg: TrialConfig, out: Path, quiet: bool = False) -> dict[str, Any]:
               f"{f' t={cfg.timestep}' if cfg.is_ddpm else ''}, lr {cfg.lr}) on {trial.device}; "
               f"observation psnr {obs['psnr_observation']:.2f} ssim {obs['ssim_observation']:.3f}",
               flush=True)
+        if "sigma_estimated" in obs:  # sigma_estimate: the sigma SURE uses, per network
+            est = ", ".join(f"{255 * n.sigma:.1f}" for n in trial.networks)
+            print(f"sigma for SURE estimated from each observation: {est} (of 255; true "
+                  f"{255 * cfg.sigma:.1f})", flush=True)
 
     def report(m: dict[str, float], _trial: Trial) -> None:
         if not quiet:

@@ -199,12 +199,15 @@ class Trial:
         return m
 
     def observation_metrics(self) -> dict[str, float]:
-        """How good the observation itself is (at output resolution): the bar to beat.
-        The observation never changes, so it is measured once."""
+        """How good the observation itself is (at output resolution): the bar to beat;
+        and `sigma_estimated`, the noise sigma estimated from it where the config asks
+        it. The observation never changes, so it is measured once."""
         if self._observation is None:
             per = [{} if n.data.clean is None else  # `apply`: no clean image
                    {"psnr_observation": float(psnr_batch(n.data.input_image, n.data.clean)[0]),
-                    "ssim_observation": ssim(n.data.input_image, n.data.clean)}
+                    "ssim_observation": ssim(n.data.input_image, n.data.clean),
+                    # the noise sigma SURE uses, where it was estimated (study/engine/sigma.py)
+                    **({"sigma_estimated": n.sigma} if n.sigma_source == "estimated" else {})}
                    for n in self.networks]
             self._observation = (aggregate(self.networks, per), per)
         return dict(self._observation[0])

@@ -28,7 +28,8 @@ from study.modes import DDPM_MODES, NOISE_MODES  # noqa: E402
 from study.report.images import ImageFacts, best_grid, best_output, image_facts, save_figure  # noqa: E402
 from study.report.pareto_section import pareto_section  # noqa: E402
 from study.report.tables import (AUTOSTOP, HONEST, ORACLE, TrialRow, fmt, image_key,  # noqa: E402
-                                 mode_section, table, three_section, trial_rows, trials_appendix)
+                                 mode_section, sigma_section, table, three_section, trial_rows,
+                                 trials_appendix)
 from study.space import optuna_figures, warm_start_counts  # noqa: E402
 
 if TYPE_CHECKING:  # mlflow is slow to import
@@ -267,7 +268,7 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
         + (f" At {s.trial.size} px BM3D finds few similar blocks to group, so it is handicapped; "
            "docs/science.md gives its figures at 128-512 px." if bl and s.trial.task == "denoise" and s.trial.size < 128 else "")
         + "\n",
-        image_table + "\n",
+        image_table + "\n", sigma_section(rows, facts),
         f"Median {HONEST} by input mode (completed trials):\n", per_mode + "\n",
     ]
     if best is not None:

@@ -34,11 +34,15 @@ class TrialRow:
     iteration: int
     metrics: dict[str, float]
     loss: str = "mse"
+    sigma: float = 25 / 255    # the noise sigma of its observations (the true one)
+    sigma_estimate: bool = False  # SURE used the sigma estimated from each observation
 
     @property
     def variant(self) -> str:
-        """What the input mode and the loss make of it: `ddpm (sure)` when not MSE."""
-        return self.mode if self.loss == "mse" else f"{self.mode} ({self.loss})"
+        """What the input mode and the loss make of it: `ddpm (sure)` when not MSE,
+        `ddpm (sure, sigma estimated)` where SURE estimated its sigma."""
+        est = ", sigma estimated" if self.sigma_estimate and self.loss == "sure" else ""
+        return self.mode if self.loss == "mse" else f"{self.mode} ({self.loss}{est})"
 
     def value(self, key: str) -> float | None:
         v = self.metrics.get(key)
@@ -52,7 +56,9 @@ def trial_rows(runs: list[TrialSummary], base: TrialConfig) -> list[TrialRow]:
         mode = p.get("noise_mode", base.noise_mode)
         t = int(p.get("timestep", base.timestep)) if mode_uses("timestep", mode) else None
         rows.append(TrialRow(r.trial, r.run_id, r.state, mode, t, float(p.get("lr", base.lr)),
-                             int(r.metrics.get("iteration", 0)), r.metrics, p.get("loss", base.loss)))
+                             int(r.metrics.get("iteration", 0)), r.metrics, p.get("loss", base.loss),
+                             float(p.get("sigma", base.sigma)),
+                             str(p.get("sigma_estimate", base.sigma_estimate)) == "True"))
     return sorted(rows, key=lambda row: row.name)
 
 
@@ -147,5 +153,29 @@ def tries(r: TrialRow, base: TrialConfig, searched: list[str]) -> str:
     """What the trial tries (its searched values its mode uses), as its run name says it."""
 
     cfg = base.replace(noise_mode=r.mode, lr=r.lr, **({"timestep": r.timestep} if r.timestep is not None else {}),
-                       **({"loss": r.loss} if r.loss in ("mse", "l1") or r.mode in DDPM_MODES else {}))
+                       **({"loss": r.loss} if r.loss in ("mse", "l1") or r.mode in DDPM_MODES else {}),
+                       sigma_estimate=r.sigma_estimate)
     return trial_run_name(cfg.to_dict(), searched)
+
+
+def sigma_section(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
+    """The noise sigma SURE used where the trials estimated it (`sigma_estimate`), beside
+    the true one, per image and true sigma; "" when no trial estimated it."""
+    labels = [f.label for f in facts]
+    body = []
+    for f in facts:
+        key = image_key("sigma_estimated", f.label, labels)
+        for true in sorted({r.sigma for r in rows}):
+            vals = [v for r in rows if r.sigma == true and (v := r.value(key)) is not None]
+            if vals:
+                med = statistics.median(vals)
+                body.append([f.label, fmt(255 * true, 1), fmt(255 * med, 1),
+                             f"{255 * min(vals):.1f}-{255 * max(vals):.1f}",
+                             f"{100 * (med / true - 1):+.0f} %", str(len(vals))])
+    if not body:
+        return ""
+    return ("## Noise level: true and estimated\n\nSURE used the sigma estimated from each "
+            "observation (`sigma_estimate`; noise/sigma.py, Chen et al. 2015 with a clipping "
+            "correction), not the true one the degradation added. Of 255; median and range "
+            "over the trials that estimated it (a trial's value is its mean over repeats):\n\n"
+            + table(["image", "true sigma", "estimated (median)", "range", "error", "trials"], body) + "\n")
