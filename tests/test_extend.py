@@ -4,6 +4,7 @@ conditioned on every earlier trial (shown by replaying its first new proposal)."
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import optuna
 import pytest
@@ -92,6 +93,8 @@ def test_extend_bad_input(tmp_path, capsys):
                         (["nope", "--num-samples", "0"], "--num-samples 0"),
                         (["nope", "--num-samples", "-3"], "--num-samples -3")):
         assert words in refused("extend", *args, "--root", str(tmp_path))
-    assert "absolute" in refused("extend", "x", "--num-samples", "2", "--root", "relative/dir")
+    # a relative --root is the current folder's (issue 25): the refusal names where it looked
+    assert f"no study 'x' under '{Path.cwd() / 'relative/dir'}'" in refused(
+        "extend", "x", "--num-samples", "2", "--root", "relative/dir")
     assert "does not exist" in refused("list", "--root", str(tmp_path / "none"))
     assert "no study 'nope'" in refused("status", "nope", "--root", str(tmp_path))
