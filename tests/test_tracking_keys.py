@@ -56,3 +56,20 @@ def test_the_saved_view_is_what_the_ui_loads(tmp_path):
         "metrics.`fit/psnr_ema`", "metrics.`fit/psnr_autostop`", "metrics.`fit/psnr_best`", "attributes.`Duration`"]
     assert trials_link("http://h:1", exp) == \
         f"http://h:1/#/experiments/{exp}/runs?viewStateShareKey=dip-trials&workflowType=machine_learning"
+
+
+def test_the_ui_link_falls_back_for_a_study_older_than_the_view(tmp_path):
+    """`ui` prints the saved view's link where the store has it, else the former URL filter
+    and sort (on the study's own key), both in the training workflow."""
+    from mlflow.tracking import MlflowClient
+
+    from study.cli.answer import study_link
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(tracking_uri=uri)
+    old = c.create_experiment("old", artifact_location=(tmp_path / "a").as_uri())
+    link = study_link("http://h:1", old, "psnr_ema", "max", uri)
+    assert "orderByKey=metrics.%60psnr_ema%60" in link and "workflowType=machine_learning" in link
+    new = c.create_experiment("new", artifact_location=(tmp_path / "b").as_uri())
+    save_trials_view(c, new, [("psnr_ema", "max")], ["lr"])
+    assert study_link("http://h:1", new, "psnr_ema", "max", uri) == trials_link("http://h:1", new)

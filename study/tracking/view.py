@@ -52,7 +52,11 @@ def save_trials_view(client: MlflowClient, experiment_id: str, objectives: list[
 
 
 def has_trials_view(uri: str, experiment_id: str) -> bool:
-    """Whether the study's experiment has the saved view (a study older than it has not)."""
+    """Whether the study's experiment has the saved view (a study older than it has not).
+    Only a sqlite store is asked (`ui` serves those): a server elsewhere may be away, and
+    MLflow's client retries for minutes; its studies are taken as having it."""
+    if not uri.startswith("sqlite:///"):
+        return True
     try:
         return VIEW_TAG in MlflowClient(tracking_uri=uri).get_experiment(experiment_id).tags
     except Exception:  # noqa: BLE001 - a store away or of another study: the plain link
