@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from study.tracking.keys import image_to_mlflow, to_mlflow
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny trials: 32 px, 2 scales, 8 channels; a trial costs a second or two on a CPU.
@@ -161,18 +162,19 @@ def check_study(uri: str, name: str, n: int, iterations: int = 40, report_every:
         if r.info.status == "FAILED":
             assert r.data.tags.get("dip.end_reason"), "a failed run must say why"
             continue
-        steps = [m.step for m in c.get_metric_history(r.info.run_id, "psnr")]
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, to_mlflow("psnr"))]
         assert steps and steps == sorted(set(steps)) and steps[0] == report_every
         if r.data.tags.get("dip.completed") == "true":
             assert steps[-1] == iterations
         arts = [a.path for a in c.list_artifacts(r.info.run_id, "images")]
         for key in ("observation", "input", "output"):
-            for image in images:  # MLflow writes an image key "camera/output" as "camera~output"
-                prefix = f"{image}~{key}+step+" if len(images) > 1 else f"{key}+step+"
+            for image in images:  # MLflow writes an image key "images/camera/output" as "images~camera~output"
+                name = image_to_mlflow(f"{image}/{key}" if len(images) > 1 else key)
+                prefix = name.replace("/", "~") + "+step+"
                 assert any(Path(a).name.startswith(prefix) for a in arts), (prefix, arts)
         if len(images) > 1:  # per-image values kept beside their mean
-            per = [r.data.metrics[f"psnr_ema/{i}"] for i in images]
-            assert r.data.metrics["psnr_ema"] == pytest.approx(sum(per) / len(per))
+            per = [r.data.metrics[to_mlflow(f"psnr_ema/{i}")] for i in images]
+            assert r.data.metrics[to_mlflow("psnr_ema")] == pytest.approx(sum(per) / len(per))
     return parent, children
 
 
@@ -181,7 +183,7 @@ def logged_iteration(uri: str, name: str, trial_id: str) -> int:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     runs = c.search_runs([exp.experiment_id], f"tags.`dip.trial_id` = '{trial_id}'") if exp else []
-    return int(runs[0].data.metrics.get("iteration", -1)) if runs else -1
+    return int(runs[0].data.metrics.get(to_mlflow("iteration"), -1)) if runs else -1
 
 
 def tracebacks(out: str) -> list[str]:
@@ -203,7 +205,7 @@ def tracebacks(out: str) -> list[str]:
 
 def best_child(children: list[Any], metric: str = "psnr_ema") -> Any:
     done = [r for r in children if r.data.tags.get("dip.completed") == "true"]
-    return max(done, key=lambda r: (r.data.metrics[metric], ))
+    return max(done, key=lambda r: (r.data.metrics[to_mlflow(metric)], ))
 
 
 def read_json(p: Path) -> dict[str, Any]:

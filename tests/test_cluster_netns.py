@@ -25,6 +25,7 @@ import pytest
 from clusterutil import Cluster, usable
 from faults import HOOK
 from studyutil import TINY, check_study, client, tracebacks
+from study.tracking.keys import to_mlflow
 
 pytestmark = pytest.mark.slow
 OUTAGE_S = float(os.environ.get("DIP_OUTAGE_S", "20"))
@@ -105,7 +106,7 @@ def trial_runs(uri: str, name: str) -> list[Any]:
 
 
 def steps(uri: str, run_id: str, metric: str = "psnr") -> list[int]:
-    return [m.step for m in client(uri).get_metric_history(run_id, metric)]
+    return [m.step for m in client(uri).get_metric_history(run_id, to_mlflow(metric))]
 
 
 def whole_steps(iterations: int, every: int = 10) -> list[int]:
@@ -196,7 +197,7 @@ def test_mlflow_outage_loses_nothing(live, tmp_path):
     stamps = []
     for run in children:
         assert run.info.status == "FINISHED", (run.info.run_name, run.data.tags.get("dip.end_reason"))
-        history = c.get_metric_history(run.info.run_id, "psnr")
+        history = c.get_metric_history(run.info.run_id, to_mlflow("psnr"))
         assert [m.step for m in history] == whole_steps(iters), run.info.run_name
         stamps += [m.timestamp / 1000 for m in history]
     # Training went on while the server was away (steps are stamped when they are logged).

@@ -11,6 +11,7 @@ import pytest
 
 import run_study
 from studyutil import check_study, cli, read_json, study_runs
+from study.tracking.keys import to_mlflow
 
 FLAGS = ["--size", "32", "--scales", "2", "--channels", "8", "--iterations", "20",
          "--report-every", "10", "--image-every", "20", "--scheduler", "fifo", "--max-concurrent", "2"]
@@ -74,7 +75,7 @@ def test_extend_a_finished_study(tmp_path):
 
     best = read_json(tmp_path / "ex" / "best.json")  # the best of all n + more trials
     done = [c for c in children if c.data.tags.get("dip.completed") == "true"]
-    assert best["value"] == max(c.data.metrics["psnr_ema"] for c in done)
+    assert best["value"] == max(c.data.metrics[to_mlflow("psnr_ema")] for c in done)
     r = cli("status", "ex", "--root", str(tmp_path))
     assert r.returncode == 0 and f"{n + more} finished" in r.stdout and f"of {n + more} asked" in r.stdout, r.stdout
     r = cli("list", "--root", str(tmp_path))

@@ -12,6 +12,7 @@ from study.tracking.spool import Spool
 from study.tracking.records import TrialLogger, end_record, metrics_record, run_create_info, tags_record
 from study.tracking.courier import Courier
 from studyutil import MlflowServer, client, wait_until
+from study.tracking.keys import to_mlflow
 
 
 @pytest.fixture(autouse=True)
@@ -73,8 +74,8 @@ def test_courier_delivers_in_order_and_each_step_once(tmp_path):
     assert len(runs) == 1, "a retried trial must continue its own run"
     run = runs[0]
     assert run.info.run_name == "my-trial" and run.data.params["lr"] == "0.01"
-    assert [(m.step, m.value) for m in c.get_metric_history(run.info.run_id, "psnr")] == [(10, 21.0), (20, 22.0)]
-    assert [m.step for m in c.get_metric_history(run.info.run_id, "iteration")] == [0, 10, 20]
+    assert [(m.step, m.value) for m in c.get_metric_history(run.info.run_id, to_mlflow("psnr"))] == [(10, 21.0), (20, 22.0)]
+    assert [m.step for m in c.get_metric_history(run.info.run_id, to_mlflow("iteration"))] == [0, 10, 20]
     assert run.info.status == "FINISHED" and run.data.tags["dip.end_reason"] == "completed"
     assert [a.path for a in c.list_artifacts(run.info.run_id, "images")]
 
@@ -118,7 +119,7 @@ def test_courier_waits_for_a_server_that_is_away(tmp_path):
         courier.put([metrics_record({"y": 1.0}, 1, run_id=run_id)])
         _wait_empty(courier, timeout=120)
         courier.stop()
-        assert [m.value for m in c.get_metric_history(run_id, "y")] == [1.0]
+        assert [m.value for m in c.get_metric_history(run_id, to_mlflow("y"))] == [1.0]
         assert sum("unreachable" in x for x in lines) == 1 and sum("is back" in x for x in lines) == 1
         assert courier.status().skipped == 3  # the records for a run that never existed
     finally:
@@ -162,4 +163,4 @@ def test_an_outage_inside_a_trials_first_delivery_loses_nothing(tmp_path, where)
     run = c0.search_runs([exp], "tags.`dip.trial_id` = 't1'")[0]
     assert failed == [where] and courier.skipped == 0
     assert run.data.params == {"lr": "0.01"}
-    assert [m.step for m in c0.get_metric_history(run.info.run_id, "iteration")] == [0, 10, 20]
+    assert [m.step for m in c0.get_metric_history(run.info.run_id, to_mlflow("iteration"))] == [0, 10, 20]

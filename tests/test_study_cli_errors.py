@@ -122,12 +122,17 @@ def test_export_unknown_study(capsys, tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
                     reason="needs root and unshare: a PID namespace hides the machine's other Rays")
 def test_address_auto_without_a_cluster_is_refused(tmp_path):
-    """`auto` joins any Ray it finds among the machine's processes (Ray's legacy rule): the
-    command runs in a PID namespace of its own, a machine with no Ray whatever else runs."""
+    """`auto` joins the cluster named in RAY_ADDRESS, else in $RAY_TMPDIR/ray/ray_current_cluster
+    (the last `ray start` on the machine, /tmp/ray by default), else any Ray it finds among the
+    machine's processes (Ray 2.60's `get_ray_address_from_environment`). The command sees
+    none of them, whatever else runs: no RAY_ADDRESS, a Ray temp folder of its own, and a
+    PID namespace of its own."""
     root = tmp_path / "root"
+    isolated = {k: v for k, v in env(RAY_TMPDIR=str(tmp_path / "raytmp")).items() if k != "RAY_ADDRESS"}
+    (tmp_path / "raytmp").mkdir()
     r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "run_study.py", "run",
                         "--name", "s", "--root", str(root), *BASE, "--address", "auto"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=env())
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=isolated)
     assert r.returncode == 2 and "cannot connect to the Ray cluster at 'auto'" in r.stderr, r.stderr
     assert not root.exists()
 

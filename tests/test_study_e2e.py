@@ -14,6 +14,7 @@ import optuna
 import pytest
 
 from faults import HOOK
+from study.tracking.keys import to_mlflow
 from studyutil import (ROOT, TINY, best_child, check_study, cli, client, env, free_port, read_json, study_runs,
                        wait_http)
 
@@ -58,6 +59,14 @@ def test_trial_runs_hold_system_metrics(study):
             assert len({m.step for m in hist}) >= 2, (key, [(m.step, m.timestamp) for m in hist])
             assert all(m.timestamp >= parent.info.start_time for m in hist)  # this study's
         assert r.data.metrics["trial/networks"] == len(IMAGES) and r.data.metrics["trial/cpus"] >= 1
+    # However a trial ended (all its iterations, or ASHA at a rung, inside tune.report), its
+    # run has a sample taken at or after its last report.
+    ended = [r for r in children if r.info.status == "FINISHED"]
+    assert any(r.data.tags.get("dip.completed") != "true" for r in ended), "no trial was stopped early"
+    for r in ended:
+        last = max(m.timestamp for m in c.get_metric_history(r.info.run_id, to_mlflow("iteration")))
+        sampled = max(m.timestamp for m in c.get_metric_history(r.info.run_id, "system/cpu_utilization_percentage"))
+        assert sampled >= last, (r.info.run_name, r.data.tags.get("dip.completed"), sampled - last)
 
 
 def test_study_records_parent_children_metrics_images(study):
@@ -98,7 +107,7 @@ def test_export_equals_best_child_and_parent(study, tmp_path):
     best = read_json(out)
     want = best_child(children)
     assert best["mlflow_run_id"] == want.info.run_id
-    assert best["value"] == pytest.approx(want.data.metrics["psnr_ema"])
+    assert best["value"] == pytest.approx(want.data.metrics[to_mlflow("psnr_ema")])
     assert parent.data.tags["dip.best_run_id"] == want.info.run_id
     assert best["config"]["noise_mode"] == want.data.params["noise_mode"]
     assert best["machine"]["device"] == "cpu" and best["machine"]["threads"] == "1"  # issue 24
@@ -141,7 +150,10 @@ def _chromium() -> str | None:
 
 def test_ui_shows_the_study_in_a_browser(study, tmp_path):
     """`run_study.py ui` serves the study's store and prints each study's link; headless
-    Chromium renders its runs. DIP_SCREENSHOTS=docs/images keeps the README's screenshots."""
+    Chromium opens it as a user would and sees (1) the objective's column holding numbers,
+    (2) the model-training workflow, (3) a trial's page opening on a PSNR or loss group and
+    (4) an image in every image card. DIP_SCREENSHOTS=docs/images keeps the README's
+    screenshots."""
     root, _ = study
     browser = _chromium()
     if browser is None:
@@ -163,58 +175,77 @@ def test_ui_shows_the_study_in_a_browser(study, tmp_path):
         shown = next((r for r in c.search_runs([exp_id]) if r.data.tags.get("dip.completed") == "true"), child)
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000",
-                 "--window-size=1400,900"]
+                 f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars"]
 
-        def dom(url: str) -> str:
-            return subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True,
-                                  text=True, timeout=180).stdout
+        def chromium(url: str, size: str, *args: str, budget: int = 20000) -> str:
+            return subprocess.run([browser, *flags, f"--virtual-time-budget={budget}", f"--window-size={size}",
+                                   *args, url], capture_output=True, text=True, timeout=180).stdout
 
-        runs_page = dom(f"{base}/runs")
-        run_page = dom(f"{base}/runs/{child.info.run_id}")
-        link_page = dom(link)
-        # The trial's image cards: its charts load lazily, so up to three tries for the images;
-        # tall enough that the image sections, after the metric groups above them, render.
-        metrics_url = f"{base}/runs/{shown.info.run_id}/model-metrics"
+        runs_page = chromium(f"{base}/runs", "1400,900", "--dump-dom")
+        run_page = chromium(f"{base}/runs/{child.info.run_id}", "1400,900", "--dump-dom")
+        link_page = chromium(link, "1900,900", "--dump-dom")
+        # The trial's charts load lazily, as they scroll into view: a window tall enough for
+        # the mean curves and both images' sections, and up to three tries for the images
+        # (a virtual-time budget under ~2 min caught them unrendered 2 times in 3 under load).
+        metrics_url = f"{base}/runs/{shown.info.run_id}/model-metrics?workflowType=machine_learning"
         for _ in range(3):
-            metrics_page = subprocess.run(
-                [browser, *[f for f in flags if not f.startswith(("--virtual-time-budget", "--window-size"))],
-                 "--virtual-time-budget=60000", "--window-size=1400,2800", "--dump-dom", metrics_url],
-                capture_output=True, text=True, timeout=180).stdout
-            if IMAGE_SRC.search(metrics_page):
+            metrics_page = chromium(metrics_url, "1400,5600", "--dump-dom", budget=120000)
+            if len(IMAGE_SRC.findall(metrics_page)) >= 4 * len(IMAGES):
                 break
         shots = Path(os.environ.get("DIP_SCREENSHOTS") or tmp_path).absolute()
         shots.mkdir(parents=True, exist_ok=True)
-        shot = [f for f in flags if not f.startswith(("--virtual-time-budget", "--window-size"))]
-        for name, url, size in (("ui_study_link.png", link, "1400,560"),
-                                ("ui_trial_images.png", f"{base}/runs/{shown.info.run_id}/model-metrics", "1400,2800")):
-            # The run page's charts load lazily and a busy machine can catch them as spinners:
-            # three tries, the fullest picture (the largest PNG) kept.
+        for name, url, size in (("ui_study_link.png", link, "1900,560"),
+                                ("ui_trial_images.png", metrics_url, "1400,2400")):
+            # A busy machine can catch the charts as spinners: two tries for the run page,
+            # the fullest picture (the largest PNG) kept.
             tries = []
-            for k in range(3 if name == "ui_trial_images.png" else 1):
+            for k in range(2 if name == "ui_trial_images.png" else 1):
                 out = tmp_path / f"try{k}_{name}"
-                subprocess.run([browser, *shot, "--virtual-time-budget=60000", f"--window-size={size}",
-                                "--hide-scrollbars", f"--screenshot={out}", url], capture_output=True, timeout=180)
+                chromium(url, size, f"--screenshot={out}", budget=120000)
                 tries.append(out)
             shutil.copyfile(max(tries, key=lambda f: f.stat().st_size), shots / name)
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
-    # The experiment opens on its runs table (not MLflow 3's GenAI overview): the parent
-    # run `study` with its 6 children, 7 runs in all.
-    assert "Training runs" in runs_page and ">study<" in runs_page, runs_page[-2000:]
+    (tmp_path / "link.html").write_text(link_page)
+    (tmp_path / "model_metrics.html").write_text(metrics_page)
+    # The experiment opens on its runs table: the parent run `study` with its 6 children.
+    assert ">study<" in runs_page, runs_page[-2000:]
     assert re.search(r">7<(?:[^>]*>){0,6}\s*matching runs", runs_page), "the table should count 7 runs"
     assert child.info.run_name in run_page and "psnr_ema" in run_page
-    # The printed link: the trial runs only (6, no parent), sorted by the study's metric.
-    assert f"/#/experiments/{exp_id}/runs?" in link and "orderByKey=metrics.%60psnr_ema%60" in link
+    # The printed link: the study's saved view, the trial runs only (6, no parent), sorted
+    # by the study's metric, in the model-training workflow.
+    objective = to_mlflow("psnr_ema")
+    assert f"/#/experiments/{exp_id}/runs?viewStateShareKey=" in link and "workflowType=machine_learning" in link
     assert re.search(r">6<(?:[^>]*>){0,6}\s*matching runs", link_page), "the link should show the 6 trials"
-    assert ">study<" not in link_page and "Sort: psnr_ema" in link_page.replace("<!-- -->", "")
+    assert ">study<" not in link_page and f"Sort: {objective}" in link_page.replace("<!-- -->", "")
+    # (1) the objective's column holds a number for every trial that reported one
+    want = sorted(r.data.metrics[objective] for r in c.search_runs([exp_id], "tags.`dip.role` = 'trial'")
+                  if objective in r.data.metrics)
+    cells = re.findall(rf'col-id="metrics.`{re.escape(objective)}`"[^>]*>(?:<[^>]+>)*([^<]*)<', link_page)
+    cells = [x.strip() for x in cells if x.strip() not in ("", "-")]  # its header; a trial without one
+    assert len(cells) == len(want) >= 3, cells
+    assert sorted(float(x) for x in cells) == pytest.approx(want)
+    for column in ("noise_mode", "timestep", "lr", to_mlflow("psnr_autostop"), to_mlflow("psnr_best")):
+        assert f'col-id="{"params" if "/" not in column else "metrics"}.`{column}`"' in link_page, column
+    # (2) the model-training workflow: its side bar (Runs, Models), not GenAI's
+    assert re.search(r">Model registry<", link_page) and not re.search(r">(Evaluation runs|Prompts)<", link_page)
+    # (3) a trial's page opens on the mean curves, a loss chart first; (4) every image card
+    # (observation, input, output, output EMA of each image) shows an image at its step
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", metrics_page.replace("<!-- -->", "")))
+    sections = re.findall(r"([\w/.-]+) \((\d+)\) Add chart", text)
+    charts = re.findall(r'<h4[^>]*title="([^"]+)"', metrics_page)
+    assert sections[0][0] == "fit" and charts[0] in (to_mlflow("loss"), to_mlflow("psnr")), (sections, charts[:3])
+    assert [n for n, _ in sections if n.startswith("images/")] == [
+        x for i in IMAGES for x in (f"images/{i}", f"images/{i}/fit")], sections
+    cards = [t for t in charts if t.startswith("images/") and "/fit/" not in t]
+    assert cards == [f"images/{i}/{n}" for i in IMAGES for n in ("input", "observation", "output", "output_ema")]
+    assert "No image logged" not in metrics_page
+    assert len(IMAGE_SRC.findall(metrics_page)) == len(cards), metrics_page[-3000:]
+    assert ">Model registry<" in metrics_page  # the trial's page in the training workflow too
     assert all((shots / n).stat().st_size > 10_000 for n in ("ui_study_link.png", "ui_trial_images.png"))
-    # Its image cards show images (MLflow's own image artifacts), and above them only the
-    # params the space set: no whole config (`images=[...], size=32, ...`) pushing them away.
-    (tmp_path / "model_metrics.html").write_text(metrics_page)
-    assert len(IMAGE_SRC.findall(metrics_page)) >= 2, metrics_page[-3000:]
-    text = re.sub(r"<[^>]+>", " ", metrics_page.replace("<!-- -->", ""))
+    # Above the image cards only the params the space set: no whole config
+    # (`images=[...], size=32, ...`) pushing them away.
     assert f"noise_mode={shown.data.params['noise_mode']}" in text, text[-3000:]
     assert not re.search(r"\b(size=32|channels=8|iterations=40|images=)", text), \
         re.findall(r".{80}\b(?:size=32|images=).{80}", text)[:2]

@@ -7,6 +7,7 @@ import pytest
 
 from faults import HOOK
 from studyutil import check_study, cli, client
+from study.tracking.keys import to_mlflow
 
 pytestmark = pytest.mark.slow
 FLAGS = ["--size", "32", "--scales", "2", "--channels", "8", "--iterations", "60",
@@ -35,9 +36,9 @@ def test_lost_worker_is_retried_in_its_own_run(tmp_path):
         assert run.data.tags["dip.retried_from"] == "20"
         assert run.data.tags["dip.resumed_from"] == "20"
         # Steps 21-30 ran twice; step 30 was delivered by the lost attempt and is not again.
-        steps = [m.step for m in c.get_metric_history(run.info.run_id, "iteration")]
+        steps = [m.step for m in c.get_metric_history(run.info.run_id, to_mlflow("iteration"))]
         assert steps == [0, 10, 20, 30, 40, 50, 60], steps
-        assert [m.step for m in c.get_metric_history(run.info.run_id, "psnr")] == [10, 20, 30, 40, 50, 60]
+        assert [m.step for m in c.get_metric_history(run.info.run_id, to_mlflow("psnr"))] == [10, 20, 30, 40, 50, 60]
     assert r.stdout.count("lost its worker") == 2
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from faults import HOOK
 from studyutil import ROOT, MlflowServer, check_study, client, env, tracebacks
+from study.tracking.keys import to_mlflow
 
 pytestmark = pytest.mark.slow
 OUTAGE_S = float(os.environ.get("DIP_OUTAGE_S", "20"))
@@ -31,7 +32,7 @@ def _first_reports(url: str, name: str, proc: subprocess.Popen, timeout: float =
         runs = c.search_runs([exp.experiment_id], "tags.`dip.role` = 'trial'") if exp else []
         # Both trials reported (see test_cluster_netns.py: an outage inside a trial's first
         # delivery is a race of the courier's, not what this test is for).
-        if len([r for r in runs if r.data.metrics.get("iteration", 0) >= 20]) == 2:
+        if len([r for r in runs if r.data.metrics.get(to_mlflow("iteration"), 0) >= 20]) == 2:
             return
         time.sleep(0.5)
     raise AssertionError("no trial reported in time")
@@ -57,7 +58,7 @@ def test_study_survives_an_mlflow_outage(tmp_path):
         stamps = []
         for run in children:
             assert run.info.status == "FINISHED" and run.data.tags["dip.completed"] == "true"
-            hist = c.get_metric_history(run.info.run_id, "iteration")
+            hist = c.get_metric_history(run.info.run_id, to_mlflow("iteration"))
             assert [m.step for m in hist] == list(range(0, 401, 20)), "a step is missing or doubled"
             stamps += [m.timestamp for m in hist]
         # The trials went on training while the server was away (timestamps are taken in the

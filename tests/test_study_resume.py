@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from faults import HOOK
-from studyutil import ROOT, check_study, cli, client, env, logged_iteration, marked_pids, wait_until
+from study.tracking.keys import to_mlflow
+from studyutil import ROOT, check_study, cli, client, env, logged_iteration, marked_pids, read_json, wait_until
 
 pytestmark = pytest.mark.slow
 REPORT_EVERY = 10
@@ -107,3 +108,48 @@ def test_killed_driver_then_resume(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     parent, children = check_study(uri, "rk", n=3, iterations=80)
     assert all(c.data.tags.get("dip.completed") == "true" for c in children)
+
+
+def _front_size(children, objectives: list[tuple[str, str]]) -> int:
+    """The Pareto front of the completed runs, computed here from MLflow's numbers."""
+    sign = {"max": 1.0, "min": -1.0}
+    pts = [tuple(sign[d] * r.data.metrics[to_mlflow(m)] for m, d in objectives)
+           for r in children if r.data.tags.get("dip.completed") == "true"]
+    return sum(not any(q != p and all(a >= b for a, b in zip(q, p)) for q in pts) for p in pts)
+
+
+def test_multi_objective_study_resumed_then_extended(tmp_path):
+    """Two objectives (psnr_ema max, seconds min): Ctrl-C in the second trial, `resume`, then
+    `extend` by 2. Each step's Pareto front counts every trial so far, the resumed one and
+    the extension's included, as MLflow's numbers give it."""
+    uri, faults = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "faults"
+    faults.mkdir()
+    objectives = [("psnr_ema", "max"), ("seconds", "min")]
+    flags = [*FLAGS, "--objective", "psnr_ema", "--objective", "seconds"]
+    proc = subprocess.Popen([sys.executable, "run_study.py", "run", "--name", "mo", "--root", str(tmp_path), *flags],
+                            cwd=ROOT, text=True, env=env(**HOOK, DIP_FAULT_PAUSE="report:20#2",
+                                                         DIP_FAULT_DIR=str(faults)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    paused = _wait_for_pause(faults, proc, uri, "mo")
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-3000:]
+
+    r = cli("resume", "mo", "--root", str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _, children = check_study(uri, "mo", n=3, iterations=80)
+    resumed = next(c for c in children if c.data.tags["dip.trial_id"] == paused)
+    assert int(resumed.data.tags["dip.resumed_from"]) >= 10 and resumed.data.tags.get("dip.completed") == "true"
+    k = _front_size(children, objectives)
+    assert f"Pareto front: {k} of 3 trials" in r.stdout, r.stdout[-2000:]
+    assert read_json(tmp_path / "mo" / "best.json")["front_size"] == k
+
+    r = cli("extend", "mo", "--root", str(tmp_path), "--num-samples", "2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _, children = check_study(uri, "mo", n=5, iterations=80)
+    k = _front_size(children, objectives)
+    assert f"Pareto front: {k} of 5 trials" in r.stdout, r.stdout[-2000:]
+    best = read_json(tmp_path / "mo" / "best.json")
+    assert best["front_size"] == k and [o["metric"] for o in best["objectives"]] == ["psnr_ema", "seconds"]
+    s = cli("status", "mo", "--root", str(tmp_path))
+    assert s.returncode == 0 and f"Pareto front: {k} of 5 completed trials" in s.stdout, s.stdout

@@ -233,8 +233,16 @@ def test_metrics_mean_over_images_and_repeats_with_the_spread():
 
 def test_report_images_name_what_a_report_shows():
     trial = Trial(tiny(images=("camera", "coins"), repeats=2, iterations=2))
-    assert [n for n, _, _ in trial.report_images(setup=True)] == [
-        "camera/observation", "camera/input", "coins/observation", "coins/input"]
+    before = trial.state_dict()
+    setup = list(trial.report_images(setup=True))
+    assert [(n, s) for n, _, s in setup] == [  # MLflow's image cards open on step 0: each has one
+        ("camera/observation", 0), ("camera/input", 0), ("camera/output", 0),
+        ("coins/observation", 0), ("coins/input", 0), ("coins/output", 0)]
+    # The untrained output leaves no trace: generators and BatchNorm buffers as before.
+    after = trial.state_dict()
+    for b, a in zip(before["networks"], after["networks"], strict=True):
+        assert torch.equal(b["eval_gen"], a["eval_gen"])
+        assert all(torch.equal(b["net"][k], a["net"][k]) for k in b["net"]), "a BatchNorm buffer moved"
     run_trial(trial.cfg, no_report, trial=trial)
     shown = list(trial.report_images(final=True))
     assert [(n, s) for n, _, s in shown] == [
@@ -242,7 +250,7 @@ def test_report_images_name_what_a_report_shows():
     for _, image, _ in shown:
         assert image.shape == (1, 1, 32, 32) and 0 <= image.min() and image.max() <= 1
     single = Trial(tiny())
-    assert [n for n, _, _ in single.report_images(setup=True)] == ["observation", "input"]
+    assert [n for n, _, _ in single.report_images(setup=True)] == ["observation", "input", "output"]
 
 
 def test_output_ema_weights_sum_to_one_from_the_first_step():

@@ -100,12 +100,19 @@ def cmd_apply(ns: argparse.Namespace) -> int:
     return 0
 
 
-def study_link(base: str, experiment_id: str, metric: str, mode: str) -> str:
-    """The MLflow UI's runs table of one study: trial runs only, best `metric` first. The
-    UI reads `searchFilter`, `orderByKey` and `orderByAsc` from the URL (MLflow 3.17)."""
+def study_link(base: str, experiment_id: str, metric: str, mode: str, tracking_uri: str = "") -> str:
+    """The MLflow UI's runs table of one study: its saved view (study/tracking/view.py: the
+    trials, best first, a column per objective and searched parameter, in the training
+    workflow); for a study recorded before it, the trial runs best `metric` first from URL
+    parameters (`searchFilter`, `orderByKey`, `orderByAsc`, MLflow 3.17)."""
+    from study.tracking import view
+
+    if tracking_uri and view.has_trials_view(tracking_uri, experiment_id):
+        return view.trials_link(base, experiment_id)
     query = urllib.parse.urlencode({
         "searchFilter": "tags.`dip.role` = 'trial'", "orderByKey": f"metrics.`{metric}`",
-        "orderByAsc": "true" if mode == "min" else "false"}, quote_via=urllib.parse.quote)
+        "orderByAsc": "true" if mode == "min" else "false", "workflowType": view.WORKFLOW},
+        quote_via=urllib.parse.quote)
     return f"{base}/#/experiments/{experiment_id}/runs?{query}"
 
 
@@ -118,7 +125,8 @@ def study_links(root: str, host: str, port: int, limit: int = 10) -> list[str]:
         try:
             meta = read_record(path)
             metric = meta.study.metric
-            link = study_link(f"http://{host}:{port}", meta.experiment_id, metric, meta.study.mode)
+            link = study_link(f"http://{host}:{port}", meta.experiment_id, metric, meta.study.mode,
+                              meta.study.resolved_tracking_uri)
         except (OSError, ValueError, KeyError):
             continue  # a study.json being written, or of another format: no link
         lines.append(f"  {path.parent.name}: {link}")

@@ -151,8 +151,11 @@ def _train(cfg: TrialConfig, ctx: StudyContext, log: TrialLogger, sender: RelayS
         last.update(m)
         hook("report", t)
         log.log_metrics(m, t.iteration)
-        # Samples go to MLflow only, never into the dict Tune gets; the last is taken here, as
-        # a scheduler may end the trial inside tune.report.
+        # Samples go to MLflow only, never into the dict Tune gets; one is taken at each
+        # report and sent before tune.report, as a scheduler may end the trial inside it (Ray
+        # 2.60 exits the thread there, or the actor goes before `finally` below runs).
+        if not t.ended:
+            sampler.mark()
         log.log_system_metrics(sampler.stop() if t.ended else sampler.drain())
         final = t.ended
         first = t.iteration <= cfg.report_every  # so even a trial stopped at once shows one
@@ -176,8 +179,9 @@ def _train(cfg: TrialConfig, ctx: StudyContext, log: TrialLogger, sender: RelayS
 
     try:
         run_trial(cfg, report, state=state, trial=trial)
-    finally:  # a failed trial's last samples go out with its end record (_fail)
+    finally:  # a failed trial's last samples go out with its end record (_fail); a stopped one's now
         log.log_system_metrics(sampler.stop())
+        log.flush()
     hook("end", trial)
 
 

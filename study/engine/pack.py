@@ -226,6 +226,18 @@ class Pack:
                 for _ in range(draws)]
         return torch.stack(outs).mean(0)
 
+    @torch.no_grad()
+    def untrained_outputs(self, draws: int) -> torch.Tensor:
+        """`eval_outputs` before any step, leaving no trace: the evaluation generators and
+        the BatchNorm buffers (a forward in training mode moves them) are as before."""
+        gens = [n.eval_gen.get_state() for n in self.networks]
+        buffers = {k: b.clone() for k, b in self.net.named_buffers()}
+        out = self.eval_outputs(draws)
+        for n, g in zip(self.networks, gens, strict=True):
+            n.eval_gen.set_state(g)
+        self.net.load_state_dict(buffers, strict=False)
+        return out
+
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)

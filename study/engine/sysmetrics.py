@@ -94,6 +94,12 @@ class SystemSampler:
             self._samples.append(Sample(self._count, ts, values))
             self._count += 1
 
+    def mark(self) -> None:
+        """A sample now (none when sampling is off): at a report, so a trial that ends right
+        after it without `stop` (ASHA ends it inside tune.report) still has its last state."""
+        if self.every:
+            self.sample()
+
     def start(self) -> "SystemSampler":
         if self.every == 0:
             self._stop.set()

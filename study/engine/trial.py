@@ -228,11 +228,16 @@ class Trial:
                       ) -> Iterator[tuple[str, torch.Tensor, int]]:
         """What a report shows, as (name, (1, C, H, W) image in [0, 1], step), for repeat 0
         of each image (other repeats differ only in seeds; their numbers are in `result`).
-        setup: the observation and the input, at step 0; then the output of the latest
-        evaluation; final: also the output EMA. Names are `<image>/<name>` when a trial
+        setup: the observation, the input and (before training) the untrained output, at step 0;
+        then the output of the latest evaluation; final: also the output EMA. Names are `<image>/<name>` when a trial
         has several images."""
         several = len(self.image_labels) > 1
         for pack in self.packs:
+            # The output before training, at step 0: MLflow's image card opens on step 0.
+            first = None
+            if setup and not self.iteration:
+                with self._autocast():
+                    first = pack.untrained_outputs(self.cfg.eval_draws)
             for k, n in enumerate(pack.networks):
                 if n.repeat:
                     continue
@@ -240,6 +245,8 @@ class Trial:
                 if setup:
                     yield f"{pre}observation", n.data.observation, 0
                     yield f"{pre}input", n.dip_input.view(), 0
+                    if first is not None:
+                        yield f"{pre}output", first[k:k + 1], 0
                 if pack.last_output is not None and self.iteration:
                     yield f"{pre}output", pack.last_output[k:k + 1], self.iteration
                     if final:

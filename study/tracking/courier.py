@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from study.paths import JsonObject
+from study.tracking.keys import image_to_mlflow, mlflow_keys, to_mlflow
 from study.tracking.records import TRIAL_TAG, DeliveryStatus
 from study.tracking.spool import Record, Spool
 from study.tracking.store import REASON_TAG, TERMINAL, writer_client
@@ -171,7 +172,8 @@ class Courier:
     def _high_water(self, run_id: str) -> int:
         """The highest step of `iteration` already in the run: a retried or resumed trial
         re-runs the steps after its checkpoint, and those delivered before stay as they are."""
-        return max((m.step for m in self.client.get_metric_history(run_id, "iteration")), default=-1)
+        return max((m.step for key in set(mlflow_keys("iteration"))
+                    for m in self.client.get_metric_history(run_id, key)), default=-1)
 
     def _apply(self, rec: Record) -> None:
         op, run_id = rec["op"], self._run_id(rec)
@@ -182,7 +184,7 @@ class Courier:
         elif op in ("metrics", "image") and trial and "series" not in rec and rec["step"] <= self._hw[run_id]:
             return  # a step this run already has (system samples count their own steps)
         elif op == "metrics":
-            ms = [Metric(k, v, rec["ts"], rec["step"]) for k, v in rec["values"].items()]
+            ms = [Metric(to_mlflow(k), v, rec["ts"], rec["step"]) for k, v in rec["values"].items()]
             for i in range(0, len(ms), 1000):
                 c.log_batch(run_id, metrics=ms[i:i + 1000])
             if trial and "series" not in rec:
@@ -191,7 +193,7 @@ class Courier:
             from PIL import Image
 
             image = Image.open(io.BytesIO(base64.b64decode(rec["png"])))
-            c.log_image(run_id, image, key=rec["key"], step=rec["step"], timestamp=rec["ts"])
+            c.log_image(run_id, image, key=image_to_mlflow(rec["key"]), step=rec["step"], timestamp=rec["ts"])
         elif op == "tags":
             c.log_batch(run_id, tags=[RunTag(k, v) for k, v in rec["tags"].items()])
         elif op == "dict":

@@ -29,10 +29,13 @@ from mlflow.entities import Experiment, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
+from study.objectives import from_params
 from study.paths import JsonObject
+from study.tracking.keys import from_mlflow, image_to_mlflow
 from study.tracking.records import (ROLE_TAG, TRIAL_TAG, dict_record, end_record, flat_params,
                                     metrics_record, tags_record)
 from study.tracking.spool import Record
+from study.tracking.view import save_trials_view, trials_link
 
 if TYPE_CHECKING:
     import numpy as np
@@ -157,7 +160,7 @@ def _trial_summary(r: Run) -> TrialSummary:
     return TrialSummary(
         run_id=r.info.run_id, name=r.info.run_name or "", trial_id=tags.get(TRIAL_TAG, ""),
         status=r.info.status, completed=tags.get(COMPLETED_TAG) == "true", params=dict(r.data.params),
-        metrics=dict(r.data.metrics), tags=tags, start=_seconds(r.info.start_time), end=_seconds(r.info.end_time))
+        metrics={from_mlflow(k): v for k, v in r.data.metrics.items()}, tags=tags, start=_seconds(r.info.start_time), end=_seconds(r.info.end_time))
 
 
 def _trials(client: MlflowClient, experiment_id: str) -> list[TrialSummary]:
@@ -183,8 +186,13 @@ class StudyTracker:
 
     def start_parent(self, settings: JsonObject, space: JsonObject, note: str,
                      tags: dict[str, str] | None = None) -> str:
+        objectives = from_params({"metric": settings["metric"],
+                                  "objectives": json.dumps(settings.get("objectives") or [])})
+        save_trials_view(self.client, self.experiment_id, objectives, list(space))
+        # The parent's page links to the trials table (a link relative to the UI's own address).
+        link = trials_link("", self.experiment_id).lstrip("/")
         run = self.client.create_run(self.experiment_id, run_name="study", tags={
-            ROLE_TAG: "study", MLFLOW_RUN_NOTE: note, **(tags or {})})
+            ROLE_TAG: "study", MLFLOW_RUN_NOTE: f"{note}\n\n[The trials, best first]({link})", **(tags or {})})
         rid = run.info.run_id
         self.client.log_batch(rid, params=_flat_params(settings))
         self.client.log_dict(rid, space, "search_space.json")
@@ -320,10 +328,13 @@ def run_image(uri: str, run_id: str, key: str) -> np.ndarray | None:
     from PIL import Image
 
     client = MlflowClient(tracking_uri=uri)
-    prefix = key.replace("/", "~") + "+step+"  # MLflow's file naming for keyed images
-    found = [(int(f.path.split("+step+")[1].split("+")[0]), f.path)
-             for f in client.list_artifacts(run_id, "images")
-             if f.path.split("/", 1)[-1].startswith(prefix) and f.path.endswith(".png")]
+    # MLflow's file naming for keyed images; a study recorded before the `images/` group
+    # has its images under the study's own name
+    prefixes = tuple(k.replace("/", "~") + "+step+" for k in (image_to_mlflow(key), key))
+    files = [f.path for f in client.list_artifacts(run_id, "images") if f.path.endswith(".png")]
+    mine = [p for p in files if p.split("/", 1)[-1].startswith(prefixes[0])] or \
+        [p for p in files if p.split("/", 1)[-1].startswith(prefixes[1])]
+    found = [(int(p.split("+step+")[1].split("+")[0]), p) for p in mine]
     if not found:
         return None
     with tempfile.TemporaryDirectory() as d:
