@@ -55,9 +55,13 @@ class BestTrial:
     objectives: tuple[JsonObject, ...] = ()  # {metric, mode, value} per objective, the first `metric`
     front_size: int = 0          # trials on the Pareto front (study/pareto.py)
     picked: str = ""             # which member of the front and why
+    # `export --from confirm` only: {stage, pairs, seeds, images, ci95, search_run, search_value}
+    confirmation: JsonObject | None = None
 
     def to_dict(self) -> JsonObject:
         d = dataclasses.asdict(self)
+        if self.confirmation is None:
+            d.pop("confirmation")
         if not self.objectives:
             for k in ("objectives", "front_size", "picked"):
                 d.pop(k)
