@@ -3,7 +3,7 @@ never have seen, every variant on the same observations, so the comparisons pair
 image and seed (the winner's curse, measured). The story, told as `service.run` tells
 the search's: plan (everything refused here, nothing written), run the re-runs as Tune
 trials (study/cluster/confirm.py), wait for MLflow, write NAME/confirm.json
-(study/confirm_result.py) and the report.
+(study/confirmation.py) and the report.
 
 A plan is kept under NAME/confirm/KEY/ (KEY: the command's options), so the same command
 after Ctrl-C restores its Tune experiment and re-runs nothing that finished.
@@ -15,12 +15,11 @@ import hashlib
 import json
 import math
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from study import studydir
 from study.config import StudyConfig, TrialConfig, check_image_spec
+from study.confirmation import Plan, Variant
 from study.engine.images import preflight
 from study.engine.sure import forwards_per_step
 from study.modes import mode_uses
@@ -34,38 +33,6 @@ if TYPE_CHECKING:
 # A network of trial seed s draws from the generator seeds s .. s + 3 (study/engine/pack.py):
 # fresh seeds start this far past the largest the search used, so none of them is shared.
 SEED_GAP = 4
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One re-run: a search trial's configuration on the confirmation's seeds and images."""
-
-    run: str                     # the search trial's run name
-    trial: str                   # its trial_NNNN
-    run_id: str                  # its MLflow run
-    search_value: float          # its objective in the search
-    config: JsonObject           # the re-run's whole TrialConfig (seed, repeats, images, iterations)
-    params: JsonObject           # what the re-run's MLflow params show
-
-
-@dataclass(frozen=True)
-class Plan:
-    """NAME/confirm/KEY/plan.json: what a confirm command re-runs."""
-
-    key: str
-    top: int | None              # --top K, or None: the best trial of each variant
-    seeds: list[int]
-    images: list[str]
-    metric: str
-    equal_compute: bool
-    variants: list[Variant]
-
-    def to_dict(self) -> JsonObject:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: JsonObject) -> "Plan":
-        return cls(**{**d, "variants": [Variant(**v) for v in d["variants"]]})
 
 
 def plan_key(top: int | None, seeds: int, images: Sequence[str], equal_compute: bool) -> str:
@@ -188,7 +155,7 @@ def contexts(s: StudyConfig, meta: studydir.StudyRecord, plan: Plan) -> tuple[St
 
 def confirm(root: str, name: str, top: int | None = None, seeds: int = 5, images: Sequence[str] = (),
             equal_compute: bool = False, address: str = "") -> int:
-    from study import confirm_result
+    from study import confirmation
     from study.cluster import confirm as cc, runtime, tune as st
     from study.service import check_storage, write_report
 
@@ -215,10 +182,10 @@ def confirm(root: str, name: str, top: int | None = None, seeds: int = 5, images
             return 130
     finally:
         st.shutdown()
-    result = confirm_result.build(s, plan)
+    result = confirmation.build(s, plan)
     write_json(folder / studydir.CONFIRM_FILE, result)
     write_json(s.study_dir / studydir.CONFIRM_FILE, result)
-    print(confirm_result.summary(result), flush=True)
+    print(confirmation.summary(result), flush=True)
     print(f"confirmation written to {s.study_dir / studydir.CONFIRM_FILE}", flush=True)
     write_report(root, name)
     return 0

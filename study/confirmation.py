@@ -1,4 +1,5 @@
-"""NAME/confirm.json: what a finished confirmation measured, read back from the re-runs'
+"""A confirmation's records: its plan (NAME/confirm/KEY/plan.json, what study/confirm.py
+re-runs) and NAME/confirm.json, what a finished confirmation measured, read back from the re-runs'
 MLflow runs (their result.json: every network's image, seed and metrics), with BM3D on
 the same observations (study/report/images.py, the report's baseline) and the paired
 statistics of study/stats.py. Other tools read it: its keys are kept (issue 20):
@@ -13,6 +14,8 @@ and adds: `compared_on` (the value the statistics use: the study's metric), per 
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from study import stats
@@ -20,10 +23,43 @@ from study.config import StudyConfig, TrialConfig
 from study.paths import JsonObject
 
 if TYPE_CHECKING:
-    from study.confirm import Plan
     from study.tracking.store import TrialSummary
 
 VALUES = ("psnr_autostop", "psnr_ema", "psnr_best")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One re-run: a search trial's configuration on the confirmation's seeds and images."""
+
+    run: str                     # the search trial's run name
+    trial: str                   # its trial_NNNN
+    run_id: str                  # its MLflow run
+    search_value: float          # its objective in the search
+    config: JsonObject           # the re-run's whole TrialConfig (seed, repeats, images, iterations)
+    params: JsonObject           # what the re-run's MLflow params show
+
+
+@dataclass(frozen=True)
+class Plan:
+    """NAME/confirm/KEY/plan.json: what a confirm command re-runs."""
+
+    key: str
+    top: int | None              # --top K, or None: the best trial of each variant
+    seeds: list[int]
+    images: list[str]
+    metric: str
+    equal_compute: bool
+    variants: list[Variant]
+
+    def to_dict(self) -> JsonObject:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: JsonObject) -> "Plan":
+        return cls(**{**d, "variants": [Variant(**v) for v in d["variants"]]})
+
+
 
 
 def _values(uri: str, run: TrialSummary, keys: tuple[str, ...]) -> list[JsonObject]:
