@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 from typing import TYPE_CHECKING, Sequence
 
 from study import studydir
@@ -220,4 +219,3 @@ def _say_plan(s: StudyConfig, plan: Plan) -> None:
         print(f"confirm {v.run} ({v.trial}, {s.metric} {v.search_value:.4f} in the search): "
               f"{v.config['iterations']} iterations on {len(plan.images)} images x seeds {plan.seeds}",
               flush=True)
-    sys.stdout.flush()
