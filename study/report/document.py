@@ -258,7 +258,7 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
     parts = [
         _header(s, rows, meta, searched),
         "## The answer\n", _headline(rows, facts, s, best) + "\n", _best_section(best, s, searched) + "\n", _darkness_sentence(rows, facts) + "\n",
-        confirmed_section(s.study_dir, out),
+        confirmed_section(s.study_dir, out, labels),
         pareto_section(runs, rows, s, searched, out),
         "## Per input mode\n", mode_section(rows, s.metric) + "\n",
         "Honest final, honest autostop and oracle best, per input mode and per image:\n",
