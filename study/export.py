@@ -74,5 +74,26 @@ def best_trial(tracker: StudyTracker, s: StudyConfig, choice: str | None = None)
         trial=best.trial)
 
 
+def confirmed_best(s: StudyConfig, result: JsonObject, runs: Sequence[TrialSummary]) -> BestTrial:
+    """The variant with the best confirmed mean in `result` (NAME/confirm.json), as its
+    re-run's MLflow run records it: its config replays the confirmed values."""
+    sign = 1 if s.mode == "max" else -1
+    scored = [v for v in result["variants"] if v["mean"] is not None]
+    if not scored:
+        raise ValueError(f"the confirmation of study {s.name!r} has no finished re-run; nothing to export")
+    v = max(scored, key=lambda v: sign * v["mean"])
+    run = next((r for r in runs if r.run_id == v["confirm_run_id"]), None)
+    if run is None:
+        raise ValueError(f"the re-run of {v['run']!r} (MLflow run {v['confirm_run_id']}) is not in the "
+                         f"tracking store {s.resolved_tracking_uri}")
+    return BestTrial(
+        study=s.name, metric=result["compared_on"], mode=s.mode, value=v["mean"], trial_id=run.trial_id,
+        mlflow_run_id=run.run_id, completed=run.completed, tracking_uri=s.resolved_tracking_uri,
+        metrics=run.metrics, config=v["config"], exported_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        confirmation={"stage": "confirm", "pairs": len(v["values"]), "seeds": result["seeds"],
+                      "images": result["images"], "ci95": v["ci95"], "search_run": v["run"],
+                      "search_value": v["search_value"]})
+
+
 def write(best: BestTrial, path: Path) -> None:
     write_json(path, best.to_dict())

@@ -59,9 +59,13 @@ class BestTrial:
     # Where the trial ran (study/engine/machine.py): torch, device, cpu_isa, cpu, gpu, threads.
     machine: dict[str, str] = dataclasses.field(default_factory=dict)
     trial: str = ""              # the trial's name, trial_NNNN: the first word of its MLflow run's name
+    # `export --from confirm` only: {stage, pairs, seeds, images, ci95, search_run, search_value}
+    confirmation: JsonObject | None = None
 
     def to_dict(self) -> JsonObject:
         d = dataclasses.asdict(self)
+        if self.confirmation is None:
+            d.pop("confirmation")
         if not self.objectives:
             for k in ("objectives", "front_size", "picked"):
                 d.pop(k)

@@ -51,7 +51,7 @@ def preflight_study(s: StudyConfig) -> SearchSpace:
     return space
 
 
-def _context(s: StudyConfig, experiment_id: str, parent: str) -> StudyContext:
+def study_context(s: StudyConfig, experiment_id: str, parent: str) -> StudyContext:
     """Starts the study's MLflow relay (on this node) and returns what every trial needs."""
     from study.cluster import relay as rl, trainable
 
@@ -107,7 +107,7 @@ def run(s: StudyConfig) -> int:
             created=time.strftime("%Y-%m-%dT%H:%M:%S")))
         if s.warm_start:  # before the searcher, which loads the record it makes
             warmstart.seed(s, space)
-        tuner = st.build_tuner(s, space, _context(s, tracker.experiment_id, parent), gpus)
+        tuner = st.build_tuner(s, space, study_context(s, tracker.experiment_id, parent), gpus)
         return _fit_and_finish(s, tracker, parent, tuner, list(space.spec))
     finally:
         st.shutdown()
@@ -129,7 +129,7 @@ def resume(root: str, name: str, address: str = "") -> int:
         check_storage(s, st.alive_nodes())
         tracker = _tracker(s)
         tracker.reopen(meta.parent_run_id)
-        tuner = st.restore_tuner(s, _context(s, meta.experiment_id, meta.parent_run_id))
+        tuner = st.restore_tuner(s, study_context(s, meta.experiment_id, meta.parent_run_id))
         return _fit_and_finish(s, tracker, meta.parent_run_id, tuner, list(meta.space))
     finally:
         st.shutdown()
@@ -150,7 +150,7 @@ def _fit_and_finish(s: StudyConfig, tracker: StudyTracker, parent: str, tuner: t
         tags_record({LOST_TAG: "true"}, trial=t),
         end_record("KILLED", "lost with the killed driver: it started after the study's last saved "
                    "state, and resume ran another trial in its place", trial=t, if_open=True))])
-    if not _delivered(s):
+    if not delivered(s):
         return 130
     best = export.best_trial(tracker, s)
     if best is not None:
@@ -159,7 +159,7 @@ def _fit_and_finish(s: StudyConfig, tracker: StudyTracker, parent: str, tuner: t
     relay = rl.drain(s.name, _say)
     rl.send(s.name, tracker.finish_records(parent, status, best, summary.to_dict(),
                                            relay.lost))
-    if not _delivered(s):
+    if not delivered(s):
         return 130
     if not summary.complete:
         print(f"\nstudy {s.name!r} interrupted: {summary.ended} of {s.num_samples} trials ended "
@@ -175,7 +175,7 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def _delivered(s: StudyConfig) -> bool:
+def delivered(s: StudyConfig) -> bool:
     """Wait until MLflow has every record (however long the server is away); Ctrl-C leaves
     the rest on disk for `resume` and says so."""
     from study.cluster import relay as rl
@@ -217,14 +217,32 @@ def _print_done(s: StudyConfig, best: BestTrial | None, summary: FitSummary,
     print(f"open the MLflow UI: {ui}", flush=True)
 
 
-def export_study(root: str, name: str, out: Path, pick: str | None = None) -> BestTrial:
+def export_study(root: str, name: str, out: Path, pick: str | None = None,
+                 stage: str = "search") -> BestTrial:
     """The best trial (or, with several objectives, the Pareto front's member `pick` names)
-    written to `out`; nothing is written when it is refused."""
+    written to `out`; with stage "confirm" the variant with the best confirmed mean
+    (NAME/confirm.json). Nothing is written when it is refused."""
     s = read_study(root, name).study
+    if stage == "confirm":
+        return _export_confirmed(s, out)
     _tracking().check_tracking_uri(s.resolved_tracking_uri)
     best = export.best_trial(_tracker(s), s, pick)
     if best is None:
         raise ValueError(f"study {name!r} has no trial that reported {s.metric} yet; nothing to export")
+    export.write(best, out)
+    return best
+
+
+def _export_confirmed(s: StudyConfig, out: Path) -> BestTrial:
+    import json
+
+    path = s.study_dir / studydir.CONFIRM_FILE
+    if not path.is_file():
+        raise ValueError(f"study {s.name!r} has no confirmation yet ({path} is missing); run "
+                         f"`confirm {s.name}` first, or export with --from search")
+    _tracking().check_tracking_uri(s.resolved_tracking_uri)
+    runs = _tracking().study_runs(s.resolved_tracking_uri, s.name, role="confirm")
+    best = export.confirmed_best(s, json.loads(path.read_text()), runs)
     export.write(best, out)
     return best
 
@@ -281,7 +299,7 @@ def extend(root: str, name: str, n: int, address: str = "") -> int:
         print(f"study {name!r}: {n} more trial{'s' if n > 1 else ''} (trial_{first:04d} on), "
               f"{s.num_samples} in all", flush=True)
         tuner = st.build_tuner(dataclasses.replace(s, num_samples=n), space,
-                               _context(s, meta.experiment_id, parent), gpus, first_trial=first)
+                               study_context(s, meta.experiment_id, parent), gpus, first_trial=first)
         return _fit_and_finish(s, tracker, parent, tuner, list(meta.space))
     finally:
         st.shutdown()

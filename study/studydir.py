@@ -9,6 +9,9 @@
     ROOT/NAME/spool/               MLflow records waiting for the server (empty when delivered)
     ROOT/NAME/best.json            the exported best configuration
     ROOT/NAME/report/              the study's report
+    ROOT/NAME/confirm.json         the latest finished confirmation (study/confirm.py)
+    ROOT/NAME/confirm/KEY/         one confirm command's plan, its re-runs' ends, its confirm.json
+    ROOT/NAME/ray/confirm-KEY/     its Tune experiment
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from study.config import StudyConfig, check_keys
 from study.paths import JsonObject, write_json
 
 STUDY_FILE = "study.json"
+CONFIRM_FILE = "confirm.json"
 
 
 @dataclass(frozen=True)
@@ -109,3 +113,8 @@ def read_study(root: str, name: str) -> StudyRecord:
 
 def write_study(record: StudyRecord) -> None:
     write_json(record.study.study_dir / STUDY_FILE, record.to_dict())
+
+
+def confirm_dir(s: StudyConfig, key: str) -> Path:
+    """Where confirm command KEY keeps its plan (study/confirm.py plan_key)."""
+    return s.study_dir / "confirm" / key

@@ -14,7 +14,7 @@ from trialutil import run_keeping_checkpoint
 
 REPORT_KEYS = {"loss", "psnr", "ssim", "psnr_ema", "ssim_ema", "psnr_best", "best_iteration",
                "iteration", "seconds", "seconds_per_iteration",
-               "psnr_autostop", "ssim_autostop", "autostop_iteration", "autostop_fired"}
+               "psnr_autostop", "ssim_autostop", "autostop_iteration", "autostop_fired", "forwards"}
 TIMING_KEYS = {"seconds", "seconds_per_iteration"}
 
 
@@ -279,3 +279,12 @@ def test_bias_correction_leaves_the_reference_length_unchanged():
     bound = w**1499 + w**1500 / (1 - w**1500)
     assert (corrected - ref).abs().max() <= bound < 6e-7
     torch.testing.assert_close(ref, raw + w**1500 * outs[0])
+
+
+def test_forwards_count_sure_twice():
+    """A trial's `forwards`: one network forward per MSE step, two per SURE step (its probe)."""
+    got = {}
+    for loss in ("mse", "sure"):
+        r = run_trial(tiny(noise_mode="ddpm", loss=loss), no_report)
+        got[loss] = r["forwards"]
+    assert got == {"mse": 6.0, "sure": 12.0}

@@ -1,4 +1,4 @@
-"""`run`, `resume`, `export` and `ui`: a study on this machine or a cluster."""
+"""`run`, `resume`, `confirm`, `export` and `ui`: a study on this machine or a cluster."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from study.cli.answer import study_links
-from study.cli.common import build_study, root, user_error
+from study.cli.common import build_study, root, user_error, worker_path
 from study.cli.flags import add_config_flags, add_study_flags
 from study.cli.presets import apply_preset
 from study.paths import check_writable
@@ -46,12 +46,42 @@ def cmd_export(ns: argparse.Namespace) -> int:
     try:
         out = Path(ns.out).absolute()
         check_writable(out.parent, "--out folder")
-        best = service.export_study(root(ns), ns.study, out, ns.pick)
+        if ns.stage == "confirm" and ns.pick:
+            raise ValueError(f"--pick {ns.pick} chooses among the search's trials; allowed with --from confirm: none")
+        best = service.export_study(root(ns), ns.study, out, ns.pick, ns.stage)
     except ValueError as e:
         return user_error(e)
     print(f"exported trial {best.trial} ({best.metric} = {best.value:.4f}, Ray trial id {best.trial_id}, "
           f"MLflow run {best.mlflow_run_id}) to {out}" + (f": {best.picked}" if best.picked else ""))
     return 0
+
+
+def cmd_confirm(ns: argparse.Namespace) -> int:
+    from study import confirm
+
+    try:
+        return confirm.confirm(root(ns), ns.study, top=ns.top, seeds=ns.seeds,
+                               images=[worker_path(i) for i in ns.images or ()],
+                               equal_compute=ns.equal_compute, address=ns.address or "")
+    except ValueError as e:
+        return user_error(e)
+
+
+def _confirm_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("confirm", help="re-run a study's finalists on fresh seeds (and other images), "
+                       "paired, with intervals: NAME/confirm.json and the report's Confirmed section")
+    p.add_argument("study", metavar="NAME")
+    p.add_argument("--root", help="the study's root [./studies]")
+    p.add_argument("--address", help="Ray cluster address [the study's own]")
+    p.add_argument("--top", type=int, metavar="K", help="re-run the K best completed trials "
+                   "[the best completed trial of each variant: input mode, and loss where searched]")
+    p.add_argument("--seeds", type=int, default=5, metavar="N",
+                   help="fresh seeds, none of which the search used [5]")
+    p.add_argument("--images", nargs="+", metavar="NAME_OR_PATH",
+                   help="bundled image names or PNG/JPEG files or folders [the study's images]")
+    p.add_argument("--equal-compute", action="store_true", help="the same network forward passes "
+                   "for every variant: a SURE variant (two per step) runs half the iterations")
+    p.set_defaults(func=cmd_confirm)
 
 
 def cmd_ui(ns: argparse.Namespace) -> int:
@@ -91,7 +121,11 @@ def add_study_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pick", metavar="RUN_NAME|N", help="several objectives: the Pareto front's member "
                    "to write, by trial or run name or by its row N in the report's front table "
                    "[the member best on the first objective]")
+    p.add_argument("--from", dest="stage", choices=("search", "confirm"), default="search",
+                   help="search: the search's best trial; confirm: the variant with the best "
+                   "confirmed mean (NAME/confirm.json) [search]")
     p.set_defaults(func=cmd_export)
+    _confirm_parser(sub)
     p = sub.add_parser("ui", help="open the MLflow UI on a root's store",
                        description="Serve the MLflow UI on the root's store (ROOT/mlflow.db) and print each "
                        "study's link to its trial runs, best first. Ctrl-C stops it.")

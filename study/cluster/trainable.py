@@ -45,6 +45,9 @@ class StudyContext:
     checkpoint_every: int        # reports between checkpoints (resolved, >= 1)
     threads: int
     objectives: tuple[str, ...] = ()  # every objective's metric (a failed trial reports each as NaN)
+    role: str = "trial"          # "trial": the search's; "confirm": a re-run (study/confirm.py)
+    run_name: str = ""           # the run's name ('' : what the trial tries, trial_run_name)
+    tags: tuple[tuple[str, str], ...] = ()  # more tags for the run (a re-run names what it re-runs)
 
 
 # --- the trainable ---
@@ -112,14 +115,14 @@ def dip_trainable(config: JsonObject, ctx: StudyContext) -> None:
     # The run is named by the trial's name and what it tries (`trial_0003 ddpm_resample
     # t=120 lr=3.2e-03`), so the runs table and chart legends read without opening runs,
     # and the name the summary gives finds the run; Tune's name also goes in a tag.
-    name = trial_run_name(cfg.to_dict(), list(config), tctx.get_trial_name())
+    name = ctx.run_name or trial_run_name(cfg.to_dict(), list(config), tctx.get_trial_name())
     # Its params are what the space set: MLflow prints them all above every image card, and
     # a whole config there hides the images. The whole config goes in the dip.config tag.
     used = cfg.used_dict()
     searched = {k: v for k, v in used.items() if k in config}
     log = TrialLogger(sender, run_create_info(ctx.experiment_id, ctx.parent_run_id, ctx.study,
-                                              tctx.get_trial_id(), name, searched, used))
-    log.set_tags({"dip.trial_name": tctx.get_trial_name()})
+                                              tctx.get_trial_id(), name, searched, used, ctx.role))
+    log.set_tags({"dip.trial_name": tctx.get_trial_name(), **dict(ctx.tags)})
     last: dict[str, float] = {}
     try:
         _train(cfg, ctx, log, sender, last)

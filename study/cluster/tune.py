@@ -65,16 +65,17 @@ class EndRunsCallback(tune.Callback):
     Holds only plain data: it pickles into the experiment state and works after restore."""
 
     def __init__(self, study: str, iterations: int, scheduler: str, ended_file: str,
-                 experiment_id: str, parent_run_id: str):
+                 experiment_id: str, parent_run_id: str, role: str = "trial"):
         self.study, self.iterations, self.scheduler = study, iterations, scheduler
         self.ended_file = ended_file
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
         self.retried_from: dict[str, list[int]] = {}
+        self.role = role  # the runs it may create: the search's trials, or a confirmation's
 
     def _send(self, trial: TuneTrial, records: list[JsonObject]) -> None:
         """A trial that failed before its first record still gets its run (and the reason)."""
         create = run_create_info(self.experiment_id, self.parent_run_id, self.study, trial.trial_id,
-                                 str(trial), trial.config)
+                                 str(trial), trial.config, role=getattr(self, "role", "trial"))
         records = [{**r, "create": create} for r in records]
         try:
             send(self.study, records)
@@ -251,17 +252,22 @@ def fit(tuner: tune.Tuner, s: StudyConfig) -> FitSummary:
     tune_log = logging.getLogger("ray.tune.tune")
     if _no_restore_hint not in tune_log.filters:
         tune_log.addFilter(_no_restore_hint)
+    return fit_trials(tuner, s.ended_file, s.num_samples)
+
+
+def fit_trials(tuner: tune.Tuner, ended_file: Path, asked: int) -> FitSummary:
+    """`fit` for any Tuner whose EndRunsCallback keeps `ended_file` (the confirmation's too)."""
     grid = tuner.fit()
-    seen = read_trials(str(s.ended_file))
+    seen = read_trials(str(ended_file))
     # Trials the driver saw start but Tune no longer knows: a killed driver's saved state
     # predates them, so `resume` ran other trials in their place. Their runs are closed.
     known = {t.trial_id for t in grid._experiment_analysis.trials}
     lost = [t for t, v in seen.items() if v == "RUNNING" and t not in known]
     if lost:
         seen.update({t: "LOST" for t in lost})
-        write_json(s.ended_file, seen)
+        write_json(ended_file, seen)
     fell_back = sum(bool((t.last_result or {}).get(FALLBACK_KEY)) for t in grid._experiment_analysis.trials)
-    return FitSummary(asked=s.num_samples, started=len(grid),
+    return FitSummary(asked=asked, started=len(grid),
                       finished=sum(v == "FINISHED" for v in seen.values()),
                       failed=sum(v == "FAILED" for v in seen.values()),
                       experiment_path=grid.experiment_path,

@@ -28,6 +28,12 @@ import torch
 SURE_EPSILON = 1e-3
 
 
+def forwards_per_step(loss: str) -> int:
+    """Network forward passes of one training step: SURE's divergence probe is a second
+    forward (`sure_losses`), so at equal compute a SURE trial runs half the iterations."""
+    return 2 if loss == "sure" else 1
+
+
 def sure_losses(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor,
                 gain: torch.Tensor, out: torch.Tensor, err: torch.Tensor,
                 sigma: float | torch.Tensor, probe: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from study.paths import JsonObject
 from study.engine import images as img
 from study.engine.metrics import psnr_batch, ssim
 from study.engine.pack import Network, Pack, aggregate, build_network_state, unique_labels
+from study.engine.sure import forwards_per_step
 
 Report = Callable[[dict[str, float], "Trial"], None]
 # A checkpoint: tensors, numbers, strings and lists and dicts of them (torch.load with
@@ -196,6 +197,8 @@ class Trial:
         m["iteration"] = float(self.iteration)
         m["seconds"] = self.seconds
         m["seconds_per_iteration"] = self.seconds / max(self.iteration, 1)
+        # Training forward passes of one network so far (the evaluations' are not counted).
+        m["forwards"] = float(self.iteration * forwards_per_step(self.cfg.loss))
         return m
 
     def observation_metrics(self) -> dict[str, float]:

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from study.config import StudyConfig, TrialConfig  # noqa: E402
 from study.modes import DDPM_MODES, NOISE_MODES  # noqa: E402
+from study.report.confirmed import confirmed_section  # noqa: E402
 from study.report.images import ImageFacts, best_grid, best_output, image_facts, save_figure  # noqa: E402
 from study.report.pareto_section import pareto_section  # noqa: E402
 from study.report.tables import (AUTOSTOP, HONEST, ORACLE, TrialRow, fmt, image_key,  # noqa: E402
@@ -259,6 +260,7 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
     parts = [
         _header(s, rows, meta, searched),
         "## The answer\n", _headline(rows, facts, s, best) + "\n", _best_section(best, s, searched) + "\n", _darkness_sentence(rows, facts) + "\n",
+        confirmed_section(s.study_dir, out, labels),
         pareto_section(runs, rows, s, searched, out),
         "## Per input mode\n", mode_section(rows, s.metric) + "\n",
         "Honest final, honest autostop and oracle best, per input mode and per image:\n",

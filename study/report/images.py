@@ -32,6 +32,7 @@ class ImageFacts:
     clean: torch.Tensor
     observation: torch.Tensor  # repeat 0: the one the trial's logged images show
     baseline: torch.Tensor | None
+    baseline_psnrs: tuple[float, ...] = ()  # per repeat (seed + r), for paired comparisons
 
 
 def _baseline(y: img.Degraded, cfg: TrialConfig) -> torch.Tensor | None:
@@ -70,7 +71,8 @@ def image_facts(base: TrialConfig, baseline: bool) -> list[ImageFacts]:
                 first, first_b = y.observation if base.task != "sr" else y.input_image, b
         out.append(ImageFacts(label, spec, float(clean.mean()), statistics.fmean(obs_p),
                               statistics.fmean(base_p) if base_p else None,
-                              statistics.fmean(base_s) if base_s else None, clean, first, first_b))
+                              statistics.fmean(base_s) if base_s else None, clean, first, first_b,
+                              tuple(base_p)))
     return out
 
 

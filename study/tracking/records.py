@@ -19,7 +19,8 @@ from study.tracking.spool import Record
 
 TRIAL_TAG = "dip.trial_id"
 STUDY_TAG = "dip.study"
-ROLE_TAG = "dip.role"          # "study" for the parent, "trial" for children
+ROLE_TAG = "dip.role"          # "study" for the parent, "trial" for the search's children, "confirm"
+STAGE_TAG = "dip.stage"        # "confirm" on the confirmation's children (study/confirm.py)
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for a child run
 LOST_TAG = "dip.lost"          # a trial a killed driver's saved state never knew (not counted)
 CONFIG_TAG = "dip.config"      # a trial's whole config (JSON); its params hold what the space set
@@ -114,12 +115,16 @@ def _order(r: Record) -> int:
 
 def run_create_info(experiment_id: str, parent_run_id: str, study: str, trial_id: str,
                     name: str, params: JsonObject,
-                    config: JsonObject | None = None) -> JsonObject:
+                    config: JsonObject | None = None, role: str = "trial") -> JsonObject:
     """What the courier needs to create a trial's run where none exists yet. `params`: what
     the search space set. MLflow's UI prints every param of a run above each of its image
     cards, so a whole config there pushes the images out of view; `config` (the whole
-    config) goes in CONFIG_TAG, which the cards do not print."""
-    tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, STUDY_TAG: study, ROLE_TAG: "trial"}
+    config) goes in CONFIG_TAG, which the cards do not print. `role`: "trial" for the
+    search's trials (what the export and the report rank), or the stage of a later one
+    ("confirm"), which then also gets STAGE_TAG."""
+    tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, STUDY_TAG: study, ROLE_TAG: role}
+    if role != "trial":
+        tags[STAGE_TAG] = role
     if config is not None:
         tags[CONFIG_TAG] = json.dumps(config)[:MAX_TAG_LEN]
     return {"experiment_id": experiment_id, "name": name, "trial": trial_id,

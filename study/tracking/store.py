@@ -163,9 +163,10 @@ def _trial_summary(r: Run) -> TrialSummary:
         metrics={from_mlflow(k): v for k, v in r.data.metrics.items()}, tags=tags, start=_seconds(r.info.start_time), end=_seconds(r.info.end_time))
 
 
-def _trials(client: MlflowClient, experiment_id: str) -> list[TrialSummary]:
-    """Every child run of the experiment (tag dip.role = trial)."""
-    runs = client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'trial'", max_results=50000)
+def _trials(client: MlflowClient, experiment_id: str, role: str = "trial") -> list[TrialSummary]:
+    """Every child run of the experiment with tag dip.role = `role` (the search's trials,
+    or a later stage's: "confirm")."""
+    runs = client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = '{role}'", max_results=50000)
     return [_trial_summary(r) for r in runs]
 
 
@@ -312,13 +313,13 @@ def load_run_dict(uri: str, run_id: str, name: str) -> JsonObject:
 
 # --- Read-only queries for the report (study/report/document.py), and logging its folder. ---
 
-def study_runs(uri: str, experiment: str) -> list[TrialSummary]:
-    """Every trial (child run) of study `experiment`."""
+def study_runs(uri: str, experiment: str, role: str = "trial") -> list[TrialSummary]:
+    """Every trial (child run) of study `experiment`; role "confirm": its confirmation's."""
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"no MLflow experiment {experiment!r} at {uri}")
-    return _trials(client, exp.experiment_id)
+    return _trials(client, exp.experiment_id, role)
 
 
 def run_image(uri: str, run_id: str, key: str) -> np.ndarray | None:
