@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from faults import HOOK
+from study.tracking.keys import to_mlflow  # MLflow's key of a study metric (issue 21)
 from studyutil import ROOT, cli, client, env, read_json, study_runs, wait_until
 
 pytestmark = pytest.mark.slow
@@ -78,12 +79,12 @@ def test_confirm_json_fresh_seeds_remeasured_and_in_mlflow(confirmed):
     for v in r["variants"]:
         assert VARIANT_KEYS <= set(v) and len(v["values"]) == 3
         assert {x["seed"] for x in v["values"]} == set(r["seeds"])
-        assert v["search_value"] == pytest.approx(search[v["run"]].data.metrics["psnr_ema"])
+        assert v["search_value"] == pytest.approx(search[v["run"]].data.metrics[to_mlflow("psnr_ema")])
         run = c.get_run(v["confirm_run_id"])  # a run of its own, not the search trial's
         assert run.data.tags["dip.stage"] == "confirm" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["dip.confirms"] == search[v["run"]].info.run_id
-        assert run.data.metrics["psnr_ema"] == pytest.approx(v["mean"], abs=1e-6)
-        assert run.data.metrics["forwards"] == r["forwards"][v["run"]]
+        assert run.data.metrics[to_mlflow("psnr_ema")] == pytest.approx(v["mean"], abs=1e-6)
+        assert run.data.metrics[to_mlflow("forwards")] == r["forwards"][v["run"]]
         low, high = v["ci95"]
         assert low <= v["mean"] <= high
     ref = next(v for v in r["variants"] if v["run"] == r["reference"])
