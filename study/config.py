@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
-from study.modes import DDPM_MODES, NOISE_MODES, NoiseMode, mode_uses
+from study.modes import (DDPM_MODES, NOISE_MODES, STOP_RULES, NoiseMode, StopRule, check_rule_metrics,
+                         check_stop_rule, mode_uses)
 from study.objectives import METRICS, OBJECTIVE_METRICS, check_objectives, parse_objective, split
 from study.paths import JsonObject
 
@@ -83,6 +84,8 @@ class TrialConfig:
     repeats: int = 1              # networks per image, seeds seed..seed+repeats-1 (repeat r = a trial
                                   # with seed + r); the objective is the mean over images x repeats
     device: str = "auto"          # auto: cuda if available, else cpu
+    stop_rule: StopRule = "eswmv"  # the no-reference stop (psnr_autostop; stop = auto): eswmv or holdout (denoise)
+    holdout_fraction: float = 0.2  # holdout: fraction of pixels left out of the loss to stop on, in (0, 0.5]
 
     def __post_init__(self) -> None:
         # Ray and JSON hand lists back; keep the config hashable and comparable.
@@ -245,6 +248,9 @@ def validate(c: TrialConfig) -> None:
     _number("repeats", c.repeats, int, 1, 256)
     if not isinstance(c.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
         raise ValueError(f"unknown device {c.device!r}; allowed: auto, cpu, cuda, cuda:N")
+    _choice("stop_rule", c.stop_rule, STOP_RULES)
+    _number("holdout_fraction", c.holdout_fraction, float, 0, 0.5, lo_open=True)
+    check_stop_rule(c.stop_rule, c.task)
 
 
 def check_sure(task: str, mode: str) -> None:
@@ -369,6 +375,7 @@ def validate_study(s: StudyConfig) -> None:
     if not isinstance(s.objectives, tuple):
         raise ValueError(f"objectives must be a list of METRIC[:max|min], got {s.objectives!r}")
     check_objectives(s.objectives, s.metric, s.scheduler)
+    check_rule_metrics([m for m, _ in s.objective_list], s.trial.stop_rule)
     _number("grace_period", s.grace_period, int, 0, 10_000_000)
     _number("reduction_factor", s.reduction_factor, int, 2, 100)
     _number("max_concurrent", s.max_concurrent, int, 0, 100_000)

@@ -31,6 +31,29 @@ def mode_searches(name: str, mode: str) -> bool:
     return mode_uses(name, mode) and mode in SEARCHED_ONLY.get(name, (mode,))
 
 
+StopRule = Literal["eswmv", "holdout"]
+STOP_RULES: tuple[str, ...] = get_args(StopRule)
+# Tasks whose noise is independent from pixel to pixel, as the held-out rule needs
+# (study/engine/holdout.py): not inpaint (the held-out pixel may be a missing one), sr (a
+# low-resolution observation: every pixel mixes its neighbours) or reconstruct (no noise).
+HOLDOUT_TASKS: tuple[str, ...] = ("denoise",)
+# Metrics only one stop rule reports: a study cannot rank by them under the other.
+RULE_METRICS = {"psnr_estimate": ("holdout",)}
+
+
+def check_stop_rule(rule: str, task: str) -> None:
+    if rule == "holdout" and task not in HOLDOUT_TASKS:
+        raise ValueError(f"stop_rule 'holdout' needs noise independent per pixel, so task {task!r} cannot "
+                         f"use it; allowed: task {', '.join(HOLDOUT_TASKS)} (or stop_rule eswmv)")
+
+
+def check_rule_metrics(metrics: list[str], rule: str) -> None:
+    for m in metrics:
+        if rule not in RULE_METRICS.get(m, (rule,)):
+            raise ValueError(f"metric {m!r} is reported only with stop_rule {', '.join(RULE_METRICS[m])}, and "
+                             f"the trial's stop_rule is {rule!r}; allowed: --stop-rule holdout, or another metric")
+
+
 # Short labels of searched fields in run names; the others show as `field=value`.
 RUN_NAME_LABELS = {"timestep": "t", "reg_noise_std": "reg"}
 
