@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import skimage.data
 import torch
+from PIL import Image
 
 from study.config import StudyConfig, TrialConfig
+from study.engine.apply import ApplyOptions, apply
 from study.engine import images as img
 from study.engine.holdout import HoldOutStop, clipped_noise_power, fill, keep_mask
 from study.engine.pack import network_for
@@ -149,3 +153,53 @@ def test_a_study_ranks_by_the_estimate_only_with_the_holdout_rule(tmp_path):
     StudyConfig(name="s", root=str(tmp_path), trial=tiny(), metric="psnr_estimate")
     with pytest.raises(ValueError, match="only with stop_rule holdout"):
         StudyConfig(name="s", root=str(tmp_path), trial=tiny(stop_rule="eswmv"), metric="psnr_estimate")
+
+
+# --- apply --stop auto with held-out pixels ---
+
+def _noisy_png(tmp_path):
+    """A non-square gray crop (37 x 41) of camera, noisy at sigma 25/255."""
+    clean = np.ascontiguousarray(skimage.data.camera()[::12, ::12][:37, :41])
+    g = np.random.default_rng(0)
+    noisy = np.clip(clean / 255 + g.normal(0, 25 / 255, clean.shape), 0, 1)
+    path = tmp_path / "noisy.png"
+    Image.fromarray((noisy * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
+def test_apply_stops_on_held_out_pixels_and_estimates_the_psnr(tmp_path):
+    cfg = tiny(size=64, scales=3, noise_mode="ddpm", timestep=25, loss="sure", report_every=10)
+    lines: list[str] = []
+    opts = ApplyOptions(stop="auto", patience=20, max_iterations=400, stop_rule="holdout")
+    info = apply(cfg, str(_noisy_png(tmp_path)), tmp_path / "out.png", opts, progress=lines.append)
+    assert info["stop"] == "holdout" and info["fired_at"] == info["stop_iteration"] + 20
+    assert 10 < info["psnr_estimate"] < 60 and info["holdout_mse"] > 0
+    assert any("held-out mse" in s for s in lines) and "stopped by held-out pixels" in lines[-1]
+
+
+def test_apply_refuses_held_out_pixels_for_inpainting(tmp_path):
+    path = _noisy_png(tmp_path)
+    opts = ApplyOptions(task="inpaint", mask=str(path), stop="auto", stop_rule="holdout")
+    with pytest.raises(ValueError, match="task 'inpaint' cannot use it"):
+        apply(tiny(), str(path), tmp_path / "out.png", opts)
+    assert not (tmp_path / "out.png").exists()
+    with pytest.raises(ValueError, match="unknown --stop-rule 'x'; allowed: eswmv, holdout"):
+        ApplyOptions(stop="auto", stop_rule="x")
+
+
+def test_the_report_puts_the_estimate_beside_the_truth_and_the_oracle_per_image():
+    from study.report.images import ImageFacts
+    from study.report.tables import TrialRow, estimate_section
+
+    def row(name: str, **m: float) -> TrialRow:
+        return TrialRow(name, name, "completed", "uniform", None, 0.01, 40, m)
+
+    facts = [ImageFacts(lb, lb, b, 20.0, None, None, torch.zeros(1), torch.zeros(1), None)
+             for lb, b in (("camera", 0.5), ("hubble", 0.08))]
+    rows = [row("a", **{"psnr_estimate/camera": 27.0, "psnr_autostop/camera": 26.0, "psnr_best/camera": 27.5,
+                        "psnr_estimate/hubble": 30.0, "psnr_autostop/hubble": 31.5, "psnr_best/hubble": 32.0}),
+            row("b", **{"psnr_estimate/camera": 25.0, "psnr_autostop/camera": 25.5, "psnr_best/camera": 26.0})]
+    lines = estimate_section(rows, facts).splitlines()
+    assert lines[2].startswith("| hubble | 0.08 | 1 | 30.00 | 31.50 | 32.00 | -1.50 (-1.50 .. -1.50) |")
+    assert lines[3].startswith("| camera | 0.50 | 2 | 26.00 | 25.75 | 26.75 | +0.25 (-0.50 .. +1.00) |")
+    assert estimate_section([row("c", psnr_autostop=20.0)], facts[:1]) == ""
