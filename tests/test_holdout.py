@@ -203,3 +203,16 @@ def test_the_report_puts_the_estimate_beside_the_truth_and_the_oracle_per_image(
     assert lines[2].startswith("| hubble | 0.08 | 1 | 30.00 | 31.50 | 32.00 | -1.50 (-1.50 .. -1.50) |")
     assert lines[3].startswith("| camera | 0.50 | 2 | 26.00 | 25.75 | 26.75 | +0.25 (-0.50 .. +1.00) |")
     assert estimate_section([row("c", psnr_autostop=20.0)], facts[:1]) == ""
+
+
+def test_the_estimate_claims_no_mse_below_its_own_sampling_error():
+    """A held-out error below the noise power (by chance, or a perfect output) gives the
+    ceiling power * sqrt(2 / m), not an unbounded PSNR."""
+    sigma = 25 / 255
+    y = torch.full((1, 1, 64, 64), 0.5)  # the observation equals the output: error 0
+    held = 1 - keep_mask((64, 64), 0.2, 0)
+    rule = HoldOutStop(10, y, held, sigma)
+    rule.track(y, y, torch.tensor(1))
+    m = float(held.sum())
+    want = 10 * math.log10(1 / (sigma**2 * math.sqrt(2 / m)))
+    assert rule.estimates(y)[0]["psnr_estimate"] == pytest.approx(want, abs=0.01)

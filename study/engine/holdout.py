@@ -78,8 +78,7 @@ def clipped_noise_power(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def psnr_from_mse(mse: torch.Tensor) -> torch.Tensor:
-    """PSNR on [0, 1] images; an estimated MSE at or below 0 reads as 100 dB (the noise power
-    exceeded the held-out error: the estimate saturates rather than failing)."""
+    """PSNR on [0, 1] images."""
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
 
 
@@ -126,11 +125,17 @@ class HoldOutStop:
     def estimates(self, ema: torch.Tensor) -> list[dict[str, float]]:
         """Per network: `holdout_mse`, the held-out error of the output the rule picks, and
         `psnr_estimate`, the PSNR that error implies once the (clipped) noise power is
-        subtracted: an estimate of `psnr_autostop` with no clean image."""
+        subtracted: an estimate of `psnr_autostop` with no clean image (its relative error
+        is about sqrt(2 / m) * sigma^2 / MSE: docs/science.md)."""
         pick = self.output(ema)
         err = self.error(pick)
         power = (clipped_noise_power(pick, self.sigma) * self.held).double().flatten(1).sum(1) / self.count
-        est = psnr_from_mse(err - power)
+        # The held-out noise power is known only up to its sampling error, about
+        # sqrt(2 / m) * power for m held-out values: an MSE below that is not resolved, so the
+        # estimate stops there (a ceiling on the PSNR it can claim, not 100 dB from a
+        # difference that came out negative by chance).
+        floor = power * (2 / self.count).sqrt()
+        est = psnr_from_mse(torch.maximum(err - power, floor))
         return [{"holdout_mse": e, "psnr_estimate": p}
                 for e, p in zip(err.tolist(), est.tolist(), strict=True)]
 
