@@ -85,7 +85,7 @@ class TrialConfig:
                                   # with seed + r); the objective is the mean over images x repeats
     device: str = "auto"          # auto: cuda if available, else cpu
     stop_rule: StopRule = "eswmv"  # the no-reference stop (psnr_autostop; stop = auto): eswmv or holdout (denoise)
-    holdout_fraction: float = 0.2  # holdout: fraction of pixels left out of the loss to stop on, in (0, 0.5]
+    holdout_fraction: float = 0.1  # holdout: fraction of pixels left out of the loss to stop on, in (0, 0.5]
 
     def __post_init__(self) -> None:
         # Ray and JSON hand lists back; keep the config hashable and comparable.
