@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
-from study.modes import DDPM_MODES, NOISE_MODES, NoiseMode, config_uses
+from study.modes import (DDPM_MODES, NOISE_MODES, STOP_RULES, NoiseMode, StopRule, check_rule_metrics,
+                         check_stop_rule, check_sure, config_uses)
 from study.objectives import METRICS, OBJECTIVE_METRICS, check_objectives, parse_objective, split
 from study.paths import JsonObject
 
@@ -85,6 +86,8 @@ class TrialConfig:
     device: str = "auto"          # auto: cuda if available, else cpu
     sigma_estimate: bool = False  # loss sure: use the noise sigma estimated from each network's observation
                                   # (noise/sigma.py), not `sigma`; the degradation still adds `sigma`
+    stop_rule: StopRule = "eswmv"  # the no-reference stop (psnr_autostop; stop = auto): eswmv or holdout (denoise)
+    holdout_fraction: float = 0.1  # holdout: fraction of pixels left out of the loss to stop on, in (0, 0.5]
 
     def __post_init__(self) -> None:
         # Ray and JSON hand lists back; keep the config hashable and comparable.
@@ -250,17 +253,9 @@ def validate(c: TrialConfig) -> None:
         raise ValueError(f"sigma_estimate must be true or false, got {c.sigma_estimate!r}")
     if not isinstance(c.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
         raise ValueError(f"unknown device {c.device!r}; allowed: auto, cpu, cuda, cuda:N")
-
-
-def check_sure(task: str, mode: str) -> None:
-    """SURE needs the noise's sigma (denoise) and an input built from the observation:
-    for the other inputs its divergence term is zero and it is MSE less a constant."""
-    if task != "denoise":
-        raise ValueError(f"loss 'sure' needs a known noise sigma, so task {task!r} cannot use it; "
-                         "allowed: task denoise (or loss mse / l1)")
-    if mode not in DDPM_MODES:
-        raise ValueError(f"loss 'sure' with noise_mode {mode!r} is MSE (that input does not depend on "
-                         f"the observation); allowed: noise_mode {', '.join(DDPM_MODES)} (or loss mse / l1)")
+    _choice("stop_rule", c.stop_rule, STOP_RULES)
+    _number("holdout_fraction", c.holdout_fraction, float, 0, 0.5, lo_open=True)
+    check_stop_rule(c.stop_rule, c.task)
 
 
 SCHEDULERS: tuple[str, ...] = ("asha", "median", "fifo")
@@ -374,6 +369,7 @@ def validate_study(s: StudyConfig) -> None:
     if not isinstance(s.objectives, tuple):
         raise ValueError(f"objectives must be a list of METRIC[:max|min], got {s.objectives!r}")
     check_objectives(s.objectives, s.metric, s.scheduler)
+    check_rule_metrics([m for m, _ in s.objective_list], s.trial.stop_rule)
     _number("grace_period", s.grace_period, int, 0, 10_000_000)
     _number("reduction_factor", s.reduction_factor, int, 2, 100)
     _number("max_concurrent", s.max_concurrent, int, 0, 100_000)

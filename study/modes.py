@@ -17,7 +17,7 @@ DDPM_MODES: tuple[str, ...] = ("ddpm", "ddpm_resample", "ddpm_random_t")
 # and the report show them, only for those modes.
 MODE_ONLY = {"timestep": DDPM_MODES, "reg_noise_std": ("uniform",)}
 # Fields the search space asks only for some modes, though every mode uses them: SURE
-# differs from MSE only for the inputs built from the observation (study/config.py `check_sure`).
+# differs from MSE only for the inputs built from the observation (`check_sure`).
 SEARCHED_ONLY = {"loss": DDPM_MODES}
 # Fields that only matter for some losses (the loss is a field value, not a mode): the
 # space asks them, run names and MLflow params show them, only for those losses.
@@ -47,6 +47,29 @@ def config_uses(name: str, cfg: Mapping[str, object]) -> bool:
     return mode_uses(name, str(cfg["noise_mode"])) and loss_uses(name, str(cfg["loss"]))
 
 
+StopRule = Literal["eswmv", "holdout"]
+STOP_RULES: tuple[str, ...] = get_args(StopRule)
+# Tasks whose noise is independent from pixel to pixel, as the held-out rule needs
+# (study/engine/holdout.py): not inpaint (the held-out pixel may be a missing one), sr (a
+# low-resolution observation: every pixel mixes its neighbours) or reconstruct (no noise).
+HOLDOUT_TASKS: tuple[str, ...] = ("denoise",)
+# Metrics only one stop rule reports: a study cannot rank by them under the other.
+RULE_METRICS = {"psnr_estimate": ("holdout",)}
+
+
+def check_stop_rule(rule: str, task: str) -> None:
+    if rule == "holdout" and task not in HOLDOUT_TASKS:
+        raise ValueError(f"stop_rule 'holdout' needs noise independent per pixel, so task {task!r} cannot "
+                         f"use it; allowed: task {', '.join(HOLDOUT_TASKS)} (or stop_rule eswmv)")
+
+
+def check_rule_metrics(metrics: list[str], rule: str) -> None:
+    for m in metrics:
+        if rule not in RULE_METRICS.get(m, (rule,)):
+            raise ValueError(f"metric {m!r} is reported only with stop_rule {', '.join(RULE_METRICS[m])}, and "
+                             f"the trial's stop_rule is {rule!r}; allowed: --stop-rule holdout, or another metric")
+
+
 # Short labels of searched fields in run names; the others show as `field=value`.
 RUN_NAME_LABELS = {"timestep": "t", "reg_noise_std": "reg", "sigma_estimate": "sigma_est"}
 
@@ -72,3 +95,14 @@ def trial_run_name(cfg: Mapping[str, object], searched: list[str], trial: str = 
             continue
         parts.append(f"{RUN_NAME_LABELS.get(name, name)}={_run_name_value(cfg[name])}")
     return " ".join(parts)
+
+
+def check_sure(task: str, mode: str) -> None:
+    """SURE needs the noise's sigma (denoise) and an input built from the observation:
+    for the other inputs its divergence term is zero and it is MSE less a constant."""
+    if task != "denoise":
+        raise ValueError(f"loss 'sure' needs a known noise sigma, so task {task!r} cannot use it; "
+                         "allowed: task denoise (or loss mse / l1)")
+    if mode not in DDPM_MODES:
+        raise ValueError(f"loss 'sure' with noise_mode {mode!r} is MSE (that input does not depend on "
+                         f"the observation); allowed: noise_mode {', '.join(DDPM_MODES)} (or loss mse / l1)")

@@ -12,6 +12,8 @@ METRICS: dict[str, str] = {  # study objective -> Tune mode
     "psnr_best": "max", "loss": "min",
     # no-reference: the output ES-WMV picks (study/engine/autostop.py)
     "psnr_autostop": "max", "ssim_autostop": "max",
+    # no-reference, stop_rule holdout: the PSNR at the stop estimated from held-out pixels
+    "psnr_estimate": "max",
 }
 # What a trial costs, reported at every report (study/engine/trial.py `metrics`): objectives
 # to trade quality against, not to rank a single-objective study by.

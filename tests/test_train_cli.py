@@ -133,6 +133,11 @@ BAD = {
     "config_invalid_json": (["--config", "{tmp}/bad.json"], "is not valid JSON"),
     "config_unknown_key": (["--config", "{tmp}/keys.json"], "unknown config key(s) learning_rate"),
     "corrupt_png": (["--image", "{tmp}/broken.png"], "cannot read image"),
+    "stop_rule": (["--stop-rule", "median"], "unknown stop_rule 'median'; allowed: eswmv, holdout"),
+    "holdout_fraction": (["--stop-rule", "holdout", "--holdout-fraction", "0.7"],
+                         "holdout_fraction = 0.7 is out of range; allowed: (0, 0.5]"),
+    "holdout_task": (["--stop-rule", "holdout", "--task", "sr"],
+                     "stop_rule 'holdout' needs noise independent per pixel, so task 'sr' cannot use it"),
 }
 
 

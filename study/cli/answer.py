@@ -60,6 +60,7 @@ def _apply_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-iterations", type=int, default=10000, help="--stop auto: at most this many [10000]")
     p.add_argument("--window", type=int, help="ES-WMV window [the config's; paper: 100]")
     p.add_argument("--patience", type=int, help="ES-WMV patience [the config's; paper: 1000]")
+    p.add_argument("--stop-rule", help="--stop auto: eswmv or holdout (held-out pixels, denoise) [the config's]")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N [the config's]")
     p.add_argument("--sigma", help="denoise: the noise sigma on [0, 1] (0.098 for 25/255), or auto: "
                    "estimated from the image, one value over a colour image's channels [auto]")
@@ -89,7 +90,8 @@ def cmd_apply(ns: argparse.Namespace) -> int:
         task = ns.task or (cfg.task if cfg.task in APPLY_TASKS else "denoise")
         opts = ApplyOptions(task=task, mask=ns.mask, sr_factor=ns.sr_factor or cfg.sr_factor,
                             stop=ns.stop or "config", window=ns.window, patience=ns.patience,
-                            max_iterations=ns.max_iterations, quiet=ns.quiet, sigma=ns.sigma)
+                            max_iterations=ns.max_iterations, quiet=ns.quiet, sigma=ns.sigma,
+                            stop_rule=ns.stop_rule)
         out = Path(ns.out).absolute()
         check_writable(out.parent, "--out folder")
         apply(cfg, ns.image, out, opts, progress=lambda s: print(s, flush=True))

@@ -14,7 +14,11 @@ Stopping for Deep Image Prior", TMLR 2023; docs/science.md).
 It trains through the trial loop (study/engine/trial.py, a Trial of one network built
 from the user's image), so the seeding, input, loss, EMA and ES-WMV are the study's own;
 with `--stop auto` the loop ends at the first report after the rule fired (the restored
-image is the one it picked, which no later iteration changes).
+image is the one it picked, which no later iteration changes). The rule is the config's
+`stop_rule` (or `--stop-rule`): ES-WMV, or held-out pixels (denoise only; the mask is
+drawn at the image's native size from the config's seed and padded as the image is, so
+no reflected copy of a held-out value reaches the network either). Without `--stop auto`
+every pixel is fitted: holding pixels out only pays where their error picks the stop.
 """
 from __future__ import annotations
 
@@ -33,9 +37,11 @@ from PIL import Image
 from models.step import StepOptions
 from study.config import TrialConfig
 from study.engine import images as img
+from study.engine.holdout import MASK_SEED_OFFSET, keep_mask
 from study.engine.images import Degraded, upsample
 from study.engine.pack import network_for
 from noise.sigma import estimate_sigma
+from study.modes import STOP_RULES, check_stop_rule
 from study.engine.trial import Trial, TrialDiverged, resolve_device, run_trial
 from study.paths import write_json
 
@@ -54,6 +60,7 @@ class ApplyOptions:
     max_iterations: int = 10000   # --stop auto: upper bound
     quiet: bool = False
     sigma: str | None = None      # denoise: "auto" (estimated from the image) or a number in (0, 1]; None: auto
+    stop_rule: str | None = None  # --stop auto: eswmv or holdout [the config's]
 
     def __post_init__(self) -> None:
         if self.task not in APPLY_TASKS:
@@ -63,6 +70,8 @@ class ApplyOptions:
         if (self.mask is not None) != (self.task == "inpaint"):
             raise ValueError("--mask goes with --task inpaint, and --task inpaint needs --mask MASK.png")
         check_sigma(self.sigma, self.task)
+        if self.stop_rule is not None and self.stop_rule not in STOP_RULES:
+            raise ValueError(f"unknown --stop-rule {self.stop_rule!r}; allowed: {', '.join(STOP_RULES)}")
         for name in ("sr_factor", "window", "patience", "max_iterations"):
             v, lo = getattr(self, name), 2 if name == "sr_factor" else 1
             if v is None and name in ("window", "patience"):
@@ -190,7 +199,8 @@ def fit(cfg: TrialConfig, prob: Problem, opts: ApplyOptions, device: torch.devic
     auto = opts.stop == "auto" or (opts.stop == "config" and cfg.stop == "auto")
     cfg = cfg.replace(stop="auto" if auto else "budget",
                       window=opts.window or cfg.window, patience=opts.patience or cfg.patience,
-                      iterations=opts.max_iterations if opts.stop == "auto" else cfg.iterations)
+                      iterations=opts.max_iterations if opts.stop == "auto" else cfg.iterations,
+                      stop_rule=(opts.stop_rule or cfg.stop_rule) if auto else "eswmv")
     # The loss is taken on the known pixels only: the observation and the output masked
     # by `weight` (0 on padding and on missing pixels).
     data = Degraded(None, prob.observation * prob.weight, prob.input_image, prob.weight,
@@ -199,9 +209,13 @@ def fit(cfg: TrialConfig, prob: Problem, opts: ApplyOptions, device: torch.devic
     # numbers match a study's repeats (study/engine/pack.py), which a user's own image
     # does not need at twice the cost (on the CPU the two are the same computation).
     options = dataclasses.replace(StepOptions.auto(device), pack=False)
-    trial = Trial(cfg, options=options, networks=[network_for(cfg, data, "image", 0, cfg.seed, device)],
-                  crop=prob.out_size)
     h, w = prob.out_size
+    keep = None
+    if cfg.stop_rule == "holdout":
+        keep = pad(keep_mask((h, w), cfg.holdout_fraction, cfg.seed + MASK_SEED_OFFSET), *data.observation.shape[-2:])
+    trial = Trial(cfg, options=options, networks=[network_for(cfg, data, "image", 0, cfg.seed, device, keep)],
+                  crop=prob.out_size)
+    rule = "es-wmv" if cfg.stop_rule == "eswmv" else "holdout"
     t0 = time.perf_counter()
 
     def report(m: dict[str, float], t: Trial) -> None:
@@ -210,7 +224,8 @@ def fit(cfg: TrialConfig, prob: Problem, opts: ApplyOptions, device: torch.devic
             raise FloatingPointError(f"the loss became {lv} at iteration {t.iteration} (lr = {cfg.lr}); "
                                      "try a smaller lr")
         var = float(t.packs[0].autostop.var[0])
-        wtxt = f"  wmv {var:.3e} (min at {int(m['autostop_iteration'])})" if auto and math.isfinite(var) else ""
+        what = "wmv" if rule == "es-wmv" else "held-out mse"
+        wtxt = f"  {what} {var:.3e} (min at {int(m['autostop_iteration'])})" if auto and math.isfinite(var) else ""
         progress(f"it {t.iteration:>6}/{cfg.iterations}  loss {lv:.5f}{wtxt}  "
                  f"{(time.perf_counter() - t0) / t.iteration:.3f} s/it")
 
@@ -221,11 +236,13 @@ def fit(cfg: TrialConfig, prob: Problem, opts: ApplyOptions, device: torch.devic
     seconds, it = time.perf_counter() - t0, trial.iteration
     a = trial.packs[0].autostop
     if auto and int(a.iteration[0]):
-        stopped = {"stop": "es-wmv", "stop_iteration": int(a.iteration[0]), "wmv": float(a.var[0]),
-                   "fired_at": int(a.fired_at[0])}
+        stopped = {"stop": rule, "stop_iteration": int(a.iteration[0]),
+                   "wmv" if rule == "es-wmv" else "holdout_mse": float(a.var[0]), "fired_at": int(a.fired_at[0])}
+        if rule == "holdout":  # the estimate needs no clean image: a user's too
+            stopped["psnr_estimate"] = trial.evaluate()["psnr_estimate"]
         restored = trial.autostop_output(0)
     else:
-        why = "es-wmv found no minimum within --max-iterations" if auto else "config"
+        why = f"{rule} found no minimum within --max-iterations" if auto else "config"
         stopped = {"stop": why, "stop_iteration": it}
         restored = trial.packs[0].ema[:1] / trial.ema_norm
     return restored[..., :h, :w].cpu(), {**stopped, "iterations_run": it, "seconds": round(seconds, 3),
@@ -246,6 +263,8 @@ def apply(cfg: TrialConfig, image: str, out: Path, opts: ApplyOptions,
     that can refuse runs before training, and nothing is written before the end."""
     pic = read_picture(image)
     check_out(out, pic)
+    if opts.stop == "auto" or (opts.stop == "config" and cfg.stop == "auto"):
+        check_stop_rule(opts.stop_rule or cfg.stop_rule, opts.task)
     mask = read_mask(opts.mask, tuple(pic.x.shape[-2:])) if opts.mask else None
     device = resolve_device(cfg.device)
     prob = make_problem(pic.x, opts, mask, 2 ** cfg.scales)
@@ -268,8 +287,9 @@ def apply(cfg: TrialConfig, image: str, out: Path, opts: ApplyOptions,
         info["sr_factor"] = opts.sr_factor
     write_json(out.with_suffix(".json"), info)
     if not opts.quiet:
-        where = (f"stopped by ES-WMV at iteration {record['stop_iteration']} "
-                 f"(ran {record['iterations_run']})" if record["stop"] == "es-wmv"
+        by = {"es-wmv": "ES-WMV", "holdout": "held-out pixels"}
+        where = (f"stopped by {by[record['stop']]} at iteration {record['stop_iteration']} "
+                 f"(ran {record['iterations_run']})" if record["stop"] in by
                  else f"{record['iterations_run']} iterations ({record['stop']})")
         progress(f"done in {record['seconds']:.1f} s: {where}; wrote {out} and {out.with_suffix('.json')}")
     return info

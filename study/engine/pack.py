@@ -21,6 +21,7 @@ from noise.schedules import alphas_cumprod, make_betas
 from study.config import TrialConfig
 from study.engine import images as img
 from study.engine.autostop import AutoStop
+from study.engine.holdout import MASK_SEED_OFFSET, HoldOutStop, fill, keep_mask
 from study.engine.metrics import psnr_batch
 from study.engine.sigma import used_sigma
 from study.engine.sure import sure_losses
@@ -77,6 +78,7 @@ class Network:
     probe_gen: torch.Generator           # SURE's probes (its own: the other draws stay as with mse)
     sigma: float = 0.0                   # the noise sigma it uses (study/engine/sigma.py `used_sigma`)
     sigma_source: str = "given"          # "estimated" from its observation, or "given" (cfg.sigma)
+    keep: torch.Tensor | None = None     # stop_rule holdout: (1, 1, H, W), 0 on the held-out pixels
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -94,20 +96,28 @@ def build_network_state(cfg: TrialConfig, spec: str, label: str, index: int, rep
 
 
 def network_for(cfg: TrialConfig, data: img.Degraded, label: str, repeat: int, seed: int,
-                device: torch.device) -> Network:
+                device: torch.device, keep: torch.Tensor | None = None) -> Network:
     """The network of observation `data` (on `device`) whose draws are seeded from `seed`:
-    a trial's, or `apply`'s on a user's image (seed = cfg.seed)."""
+    a trial's, or `apply`'s on a user's image (seed = cfg.seed). With stop_rule holdout,
+    `keep` marks the pixels the loss sees (default: drawn from `seed`)."""
     trial_seed = cfg.seed + repeat
     gen = _generator(device, seed + 1)
     acp = alphas_cumprod(make_betas(cfg.schedule, cfg.num_timesteps))
+    image = data.input_image
+    if cfg.stop_rule == "holdout":
+        if keep is None:
+            keep = keep_mask(tuple(data.observation.shape[-2:]), cfg.holdout_fraction,
+                             seed + MASK_SEED_OFFSET)
+        keep = keep.to(device)
+        image = fill(image, keep)  # no held-out value may reach the input (J-invariance)
     # Built from the observation only (never `data.clean`): see noise/inputs.py.
     dip_input = make_input(
-        cfg.noise_mode, data.input_image, timestep=cfg.timestep, input_depth=cfg.input_depth,
+        cfg.noise_mode, image, timestep=cfg.timestep, input_depth=cfg.input_depth,
         reg_noise_std=cfg.reg_noise_std, alphas_cumprod=acp, generator=gen,
     )
     sigma, source = used_sigma(cfg, data.observation)
     return Network(label, repeat, trial_seed, data, dip_input, Draw(dip_input), gen,
-                   _generator(device, seed + 2), seed, _generator(device, seed + 3), sigma, source)
+                   _generator(device, seed + 2), seed, _generator(device, seed + 3), sigma, source, keep)
 
 
 def unique_labels(specs: list[str]) -> list[str]:
@@ -176,8 +186,18 @@ class Pack:
         sigmas = [n.sigma for n in networks]
         self.sigma: float | torch.Tensor = (sigmas[0] if len(set(sigmas)) == 1
                                             else torch.tensor(sigmas, device=device))
-        self.autostop = AutoStop(cfg.window, cfg.patience, self.ema.shape,
-                                 crop or tuple(self.ema.shape[-2:]), device)
+        self.keep = _cat([n.keep for n in networks])  # (K, 1, H, W) or None
+        self.autostop: AutoStop | HoldOutStop = self._stop_rule(cfg, crop, device)
+
+    def _stop_rule(self, cfg: TrialConfig, crop: tuple[int, int] | None,
+                   device: torch.device) -> AutoStop | HoldOutStop:
+        if self.keep is None:
+            return AutoStop(cfg.window, cfg.patience, self.ema.shape,
+                            crop or tuple(self.ema.shape[-2:]), device)
+        # The error is taken on held-out pixels of the image (in `apply` not the padding).
+        known = 1.0 if self.data.mask is None else self.data.mask[:, :1]
+        return HoldOutStop(cfg.patience, self.data.observation, (1 - self.keep) * known,
+                           self.sigma)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """K inputs (K, C, H, W) -> K outputs (K, C_out, H, W), float32."""
@@ -191,13 +211,17 @@ class Pack:
         z = torch.cat([n.draw(n.gen) for n in self.networks])
         out = self.forward(z)
         err = self.data.forward_op(out) - self.data.observation
+        if self.keep is not None:  # held-out pixels are not in the loss
+            err = err * self.keep
         if loss == "sure":
             gain = torch.cat([n.draw.gain for n in self.networks])
             probe = torch.cat([torch.randn(n.data.observation.shape, generator=n.probe_gen,
                                            device=out.device) for n in self.networks])
-            return out, sure_losses(self.forward, z, gain, out, err, self.sigma, probe)
+            return out, sure_losses(self.forward, z, gain, out, err, self.sigma, probe, self.keep)
         per = err.abs() if loss == "l1" else err.square()
-        return out, per.mean(dim=(1, 2, 3))
+        per = per.mean(dim=(1, 2, 3))
+        # As deepinv's SplittingLoss: the mean over the pixels the loss sees.
+        return out, per if self.keep is None else per / self.keep.mean(dim=(1, 2, 3))
 
     def track(self, out: torch.Tensor, loss: torch.Tensor, it: torch.Tensor,
               ema_norm: torch.Tensor, w: float) -> None:

@@ -26,6 +26,7 @@ from models.step import StepOptions, Stepper
 from study.config import TrialConfig
 from study.paths import JsonObject
 from study.engine import images as img
+from study.engine.holdout import HoldOutStop
 from study.engine.metrics import psnr_batch, ssim
 from study.engine.pack import Network, Pack, aggregate, build_network_state, unique_labels
 from study.engine.sure import forwards_per_step
@@ -139,12 +140,15 @@ class Trial:
                         f"(lr = {self.cfg.lr}); the trial was stopped")
 
     def _autostop_of(self, pack: Pack) -> list[dict[str, float]]:
-        """Where ES-WMV stops (or, until it fires, its candidate: the EMA at the lowest
-        window variance so far; before the window has filled, the current EMA)."""
+        """Where the stop rule (cfg.stop_rule) stops (or, until it fires, its candidate: the
+        EMA at the lowest window variance, or held-out error, so far; before ES-WMV's window
+        has filled, the current EMA); with holdout also its PSNR estimate there."""
         a = pack.autostop
         at, fired = a.iteration.tolist(), a.fired_at.tolist()
+        extra = (a.estimates(pack.ema / self.ema_norm) if isinstance(a, HoldOutStop) and self.iteration
+                 else [{}] * pack.k)
         return [{"autostop_iteration": float(at[k] or self.iteration),
-                 "autostop_fired": float(fired[k] > 0)} for k in range(pack.k)]
+                 "autostop_fired": float(fired[k] > 0), **extra[k]} for k in range(pack.k)]
 
     def _evaluate_pack(self, pack: Pack) -> list[dict[str, float]]:
         auto = self._autostop_of(pack)

@@ -28,8 +28,8 @@ from study.modes import DDPM_MODES, NOISE_MODES  # noqa: E402
 from study.report.confirmed import confirmed_section  # noqa: E402
 from study.report.images import ImageFacts, best_grid, best_output, image_facts, save_figure  # noqa: E402
 from study.report.pareto_section import pareto_section  # noqa: E402
-from study.report.tables import (AUTOSTOP, HONEST, ORACLE, TrialRow, fmt, image_key,  # noqa: E402
-                                 mode_section, sigma_section, table, three_section, trial_rows,
+from study.report.tables import (AUTOSTOP, ESTIMATE, HONEST, ORACLE, TrialRow, estimate_section,  # noqa: E402
+                                 fmt, image_key, mode_section, sigma_section, table, three_section, trial_rows,
                                  trials_appendix)
 from study.space import optuna_figures, warm_start_counts  # noqa: E402
 
@@ -230,6 +230,14 @@ def _header(s: StudyConfig, rows: list[TrialRow], meta: Any, searched: list[str]
             "modes more trials, so counts differ by mode.\n")
 
 
+def _estimate_part(rows: list[TrialRow], facts: list[ImageFacts]) -> list[str]:
+    """The held-out PSNR estimate beside the truth and the oracle (stop_rule holdout only)."""
+    body = estimate_section(rows, facts)
+    return [f"The no-reference PSNR estimate from held-out pixels (`{ESTIMATE}`, noise power "
+            "corrected for clipping; docs/science.md) beside the true PSNR of the output it "
+            "estimates and the oracle, per image:\n", body + "\n"] if body else []
+
+
 def make_report(root: str, name: str, out: Path | None = None, baseline: bool = True,
                 log: bool = True) -> Path:
     """Write the report of study `name` under ROOT and (log) attach it to the parent run
@@ -264,7 +272,8 @@ def make_report(root: str, name: str, out: Path | None = None, baseline: bool = 
         pareto_section(runs, rows, s, searched, out),
         "## Per input mode\n", mode_section(rows, s.metric) + "\n",
         "Honest final, honest autostop and oracle best, per input mode and per image:\n",
-        three_section(rows, facts) + "\n", *[f + "\n" for f in _figures(rows, facts, s, out)],
+        three_section(rows, facts) + "\n", *_estimate_part(rows, facts),
+        *[f + "\n" for f in _figures(rows, facts, s, out)],
         "## Per image\n", (f"Baseline: {bl}, on the very observations the trials fitted (same seeds), "
                             "averaged over repeats. " if bl else f"Baseline: {no_bl}. ") + observation_check(rows, facts)[1]
         + (f" At {s.trial.size} px BM3D finds few similar blocks to group, so it is handicapped; "

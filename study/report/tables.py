@@ -129,6 +129,34 @@ def three_section(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
                    *[f"{label} (median `{key}`)" for key, label in THREE]], body)
 
 
+ESTIMATE = "psnr_estimate"  # stop_rule holdout: the PSNR at the stop estimated from held-out pixels
+
+
+def estimate_section(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
+    """Per image (darkest first), the median over completed trials of the held-out estimate,
+    of the true PSNR of the output it estimates (`psnr_autostop`) and of the oracle, and of
+    each trial's difference estimate - true: how far a user can trust the estimate. Empty
+    where no trial reported an estimate (stop_rule eswmv)."""
+    done = [r for r in rows if r.state == "completed" and any(k.startswith(ESTIMATE) for k in r.metrics)]
+    if not done:
+        return ""
+    labels = [f.label for f in facts]
+    body = []
+    for f in sorted(facts, key=lambda f: f.brightness):
+        k = {key: image_key(key, f.label, labels) for key in (ESTIMATE, AUTOSTOP, ORACLE)}
+        trio = [(e, a, o) for r in done if None not in (e := r.value(k[ESTIMATE]), a := r.value(k[AUTOSTOP]),
+                                                         o := r.value(k[ORACLE]))]
+        if not trio:
+            continue
+        med = [statistics.median(x) for x in zip(*trio)]
+        diff = [e - a for e, a, _ in trio]
+        body.append([f.label, fmt(f.brightness), str(len(trio)), *map(fmt, med),
+                     f"{statistics.median(diff):+.2f} ({min(diff):+.2f} .. {max(diff):+.2f})"])
+    return table(["image", "mean brightness", "trials", f"estimate (median `{ESTIMATE}`)",
+                  f"true at the stop (`{AUTOSTOP}`)", f"oracle (`{ORACLE}`)",
+                  "estimate - true: median (min .. max)"], body)
+
+
 def image_key(metric: str, label: str, labels: list[str]) -> str:
     return f"{metric}/{label}" if len(labels) > 1 else metric
 
