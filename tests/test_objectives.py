@@ -190,7 +190,7 @@ def test_one_objective_exports_as_today():
     best = export.best_trial(_Tracker(TRIALS), s)
     assert best.trial_id == "id-trial_0005"  # best completed psnr_ema; seconds plays no part
     assert set(best.to_dict()) == {f.name for f in BestTrial.__dataclass_fields__.values()} - \
-        {"objectives", "front_size", "picked", "machine"}  # these fakes carry no dip.machine.* tags
+        {"objectives", "front_size", "picked", "machine", "confirmation"}  # no dip.machine.* tags here; not confirmed
     with pytest.raises(ValueError, match="--pick 1 chooses on a Pareto front, but study 's' has one objective"):
         export.best_trial(_Tracker(TRIALS), s, "1")
 

@@ -154,8 +154,8 @@ def test_ctrl_c_then_same_command_with_equal_compute(confirmed, tmp_path):
     assert "confirm_0000 started" not in p.stdout
     after = runs()
     assert len(after) == 2 and after["0"].info.end_time == before["0"].info.end_time
-    steps = [m.step for m in c.get_metric_history(after["0"].info.run_id, "psnr")]
-    assert steps == sorted(set(steps)), "the finished re-run was run again"
+    steps = [m.step for m in c.get_metric_history(after["0"].info.run_id, to_mlflow("psnr"))]
+    assert steps and steps == sorted(set(steps)), "the finished re-run was run again"
     r = read_json(root / "c" / "confirm.json")
     assert r["equal_compute"]
     its = {v["config"]["loss"]: v["iterations"] for v in r["variants"]}

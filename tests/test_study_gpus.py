@@ -18,6 +18,7 @@ import torch
 
 from faults import HOOK
 from study.cluster.placement import FALLBACK_TAG, Placement
+from study.tracking.keys import to_mlflow  # MLflow's key of a study metric (issue 21)
 from studyutil import AUTH, ROOT, TINY, check_study, client, env, own_ray, ray_start, wait_until
 
 TRIALS, SHARE = 5, 0.5  # 4 CPUs at 0.5 would fit all 5 at once: the 2 GPUs at 0.5 allow 4
@@ -80,7 +81,7 @@ def _spans(uri: str, children: list) -> list[tuple[float, float, str]]:
     """(start, last report, GPU ids) per trial, all stamped in the trial's worker: the run's
     start and its last `iteration`. (The run's end is stamped when MLflow got it, later.)"""
     c = client(uri)
-    return [(r.info.start_time, max(m.timestamp for m in c.get_metric_history(r.info.run_id, "iteration")),
+    return [(r.info.start_time, max(m.timestamp for m in c.get_metric_history(r.info.run_id, to_mlflow("iteration"))),
              r.data.tags["dip.gpu_ids"]) for r in children]
 
 

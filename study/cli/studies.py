@@ -69,7 +69,12 @@ def cmd_confirm(ns: argparse.Namespace) -> int:
 
 def _confirm_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("confirm", help="re-run a study's finalists on fresh seeds (and other images), "
-                       "paired, with intervals: NAME/confirm.json and the report's Confirmed section")
+                       "paired, with intervals: NAME/confirm.json and the report's Confirmed section",
+                       description="Re-run the best configuration of each variant (input mode, and loss where "
+                       "the space searched it), or the --top K trials, on --seeds N fresh seeds no trial used "
+                       "and on --images (the study's by default), every variant on the same observations. "
+                       "Writes NAME/confirm.json with bootstrap intervals and paired Wilcoxon tests against "
+                       "the uniform input and BM3D; running it again finishes an interrupted confirmation.")
     p.add_argument("study", metavar="NAME")
     p.add_argument("--root", help="the study's root [./studies]")
     p.add_argument("--address", help="Ray cluster address [the study's own]")
