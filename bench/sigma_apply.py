@@ -28,6 +28,7 @@ from study.config import TrialConfig  # noqa: E402
 from study.engine.apply import ApplyOptions, apply, read_picture  # noqa: E402
 from study.engine.images import load_image, save_png  # noqa: E402
 from study.engine.metrics import psnr  # noqa: E402
+from benchutil import emit
 
 CONFIG = TrialConfig(noise_mode="ddpm", timestep=25, loss="sure", size=64, device="cpu")
 
@@ -72,10 +73,7 @@ def main() -> int:
             lines += one(ns.image, ns.size, s, opts, Path(d))
             print("\n".join(lines[-2:]), flush=True)
     text = "\n".join(lines) + "\n"
-    print(text)
-    if ns.out:
-        Path(ns.out).write_text(text)
-    return 0
+    return emit(text, ns.out)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from skimage.restoration import estimate_sigma as wavelet  # noqa: E402
 
 from noise.sigma import estimate_sigma, pca_sigma  # noqa: E402
 from study.engine.images import load_image  # noqa: E402
+from benchutil import emit
 
 GRAY = ("camera", "moon", "coins", "text", "page", "brick", "grass", "gravel", "horse", "clock")
 COLOUR = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina",
@@ -104,10 +105,7 @@ def main() -> int:
              f"\n`{shlex.join(['python', *sys.argv])}` (CPU, 1 thread; deterministic: "
              "torch's CPU generator, float64 eigenvalues)"] + table(err, ns.sizes)
     text = "\n".join(lines) + "\n"
-    print(text)
-    if ns.out:
-        Path(ns.out).write_text(text)
-    return 0
+    return emit(text, ns.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from benchutil import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = (("ddpm", 25), ("ddpm_random_t", 100), ("ddpm_resample", 50))
@@ -90,10 +91,7 @@ def main() -> int:
                       f"\nEach run: `{cmd}` (CPU, 1 thread, seed 0; the pair shares observations, "
                       "inputs and probes, so the difference is paired). Summary: "
                       f"`{shlex.join(['python', *sys.argv])}`\n", *summarize(runs)]) + "\n"
-    print(text)
-    if ns.out:
-        Path(ns.out).write_text(text)
-    return 0
+    return emit(text, ns.out)
 
 
 if __name__ == "__main__":
