@@ -92,8 +92,8 @@ def progress_lines(view: StudyView, now: float) -> list[str]:
     lines.append(f"best so far: {metric} = {best[1]:.4f}  {best[0].trial} ({_searched(view, best[0])})"
                  if best else f"best so far: no trial has reported {metric} yet")
     lines += _front_lines(view)
-    if view.status == "RUNNING" and view.gpu_line():
-        lines.append(view.gpu_line())
+    if view.status == "RUNNING" and (gpus := view.gpu_line()):
+        lines.append(gpus)
     iterations = int(view.params.get("trial.iterations", 0))
     done = sum(int(t.metrics.get("iteration", 0)) for t in view.trials)
     elapsed = _busy(view.trials, now)

@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.step import StepOptions
+from noise.sigma import estimate_sigma
 from study.config import TrialConfig
 from study.engine import images as img
 from study.engine.holdout import MASK_SEED_OFFSET, keep_mask
 from study.engine.images import Degraded, upsample
 from study.engine.pack import network_for
-from noise.sigma import estimate_sigma
-from study.modes import STOP_RULES, check_stop_rule
 from study.engine.trial import Trial, TrialDiverged, resolve_device, run_trial
+from study.modes import STOP_RULES, check_stop_rule
 from study.paths import write_json
 
 APPLY_TASKS = ("denoise", "inpaint", "sr")
