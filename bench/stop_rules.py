@@ -56,11 +56,30 @@ def run(rule: str, inp: str, sigma: int, iterations: int, fraction: float) -> li
                **{k: m[k] for k in ("psnr_ema", "psnr_best", "best_iteration", "psnr_autostop",
                                     "autostop_iteration", "autostop_fired", "psnr_observation")}}
         if rule == "holdout":
+            row |= true_split(trial, n)
             plain = m["holdout_mse"] - (sigma / 255) ** 2
             row |= {"fraction": fraction, "psnr_estimate": m["psnr_estimate"], "holdout_mse": m["holdout_mse"],
                     "psnr_estimate_plain": 10 * math.log10(1 / plain) if plain > 0 else 100.0}
         rows.append(row)
     return rows
+
+
+def true_split(trial: Trial, net) -> dict:
+    """The true MSE of the output the held-out rule picks, on the held-out pixels, on the
+    kept ones and on all: what the estimate measures (held-out) against what it is compared
+    with (all pixels)."""
+    for pack in trial.packs:
+        if net in pack.networks:
+            k = pack.networks.index(net)
+            stop = pack.autostop
+            pick = stop.ema[k] if int(stop.iteration[k]) else None
+            if pick is None:
+                return {}
+            d = (pick.float() - pack.data.clean[k].float()).square().mean(0)  # (H, W)
+            held = stop.held[k, 0] > 0
+            return {"mse_true_held": float(d[held].mean()), "mse_true_kept": float(d[~held].mean()),
+                    "mse_true": float(d.mean())}
+    return {}
 
 
 def estimate(h: dict) -> float:

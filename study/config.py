@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
-from study.modes import (DDPM_MODES, NOISE_MODES, STOP_RULES, NoiseMode, StopRule, check_rule_metrics,
+from study.modes import (DDPM_MODES, LEGACY_DEFAULTS, NOISE_MODES, STOP_RULES, NoiseMode, StopRuleChoice,
+                         check_rule_metrics, default_stop_rule,
                          check_stop_rule, check_sure, config_uses)
 from study.objectives import METRICS, OBJECTIVE_METRICS, check_objectives, parse_objective, split
 from study.paths import JsonObject
@@ -86,7 +87,8 @@ class TrialConfig:
     device: str = "auto"          # auto: cuda if available, else cpu
     sigma_estimate: bool = False  # loss sure: use the noise sigma estimated from each network's observation
                                   # (noise/sigma.py), not `sigma`; the degradation still adds `sigma`
-    stop_rule: StopRule = "eswmv"  # the no-reference stop (psnr_autostop; stop = auto): eswmv or holdout (denoise)
+    stop_rule: StopRuleChoice = "default"  # the no-reference stop (psnr_autostop; stop = auto): eswmv, or
+                                  # holdout (denoise); default: holdout for denoise, eswmv otherwise
     holdout_fraction: float = 0.1  # holdout: fraction of pixels left out of the loss to stop on, in (0, 0.5]
 
     def __post_init__(self) -> None:
@@ -95,6 +97,8 @@ class TrialConfig:
             object.__setattr__(
                 self, "images", (self.images,) if isinstance(self.images, str) else tuple(self.images)
             )
+        if self.stop_rule == "default":
+            object.__setattr__(self, "stop_rule", default_stop_rule(self.task))
         validate(self)
 
     # --- derived ---
@@ -148,7 +152,7 @@ def load_config_file(path: str | os.PathLike) -> JsonObject:
     except json.JSONDecodeError as e:
         raise ValueError(f"config file {str(p)!r} is not valid JSON: {e}") from None
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
-        data = data["config"]
+        data = {**LEGACY_DEFAULTS, **data["config"]}  # an export: a complete record
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(p)!r} must hold a JSON object")
     return data

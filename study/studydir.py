@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from study.config import StudyConfig, check_keys
+from study.modes import LEGACY_DEFAULTS
 from study.paths import JsonObject, write_json
 
 STUDY_FILE = "study.json"
@@ -42,7 +43,16 @@ class StudyStage:
     @classmethod
     def from_dict(cls, d: JsonObject) -> "StudyStage":
         check_keys(cls, d, "study stage key")
-        return cls(**{**d, "study": StudyConfig.from_dict(d["study"])})
+        return cls(**{**d, "study": StudyConfig.from_dict(_legacy(d["study"]))})
+
+
+def _legacy(study: JsonObject) -> JsonObject:
+    """A saved study's settings with the defaults of the time it was written where a field
+    postdates it (study/modes.py LEGACY_DEFAULTS): a resumed study keeps its stop rule."""
+    trial = study.get("trial")
+    if not isinstance(trial, dict):
+        return study
+    return {**study, "trial": {**LEGACY_DEFAULTS, **trial}}
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,7 @@ class StudyRecord:
     @classmethod
     def from_dict(cls, d: JsonObject) -> "StudyRecord":
         check_keys(cls, d, "study.json key")
-        return cls(**{**d, "study": StudyConfig.from_dict(d["study"]),
+        return cls(**{**d, "study": StudyConfig.from_dict(_legacy(d["study"])),
                       "extensions": tuple(StudyStage.from_dict(e) for e in d.get("extensions") or ())})
 
 

@@ -95,7 +95,7 @@ def test_stop_auto_stops_at_the_variance_minimum(noisy_colour, tmp_path):
     _, noisy_path = noisy_colour
     out = tmp_path / "auto.png"
     lines: list[str] = []
-    opts = ApplyOptions(stop="auto", window=10, patience=30, max_iterations=2000)
+    opts = ApplyOptions(stop="auto", window=10, patience=30, max_iterations=2000, stop_rule="eswmv")
     info = apply(FAST.replace(report_every=20), str(noisy_path), out, opts, progress=lines.append)
     assert info["stop"] == "es-wmv"
     # The rule fired `patience` iterations after the minimum, far before the upper bound,

@@ -2,6 +2,7 @@
 checkpoints, and its validation."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,12 +11,14 @@ import skimage.data
 import torch
 from PIL import Image
 
-from study.config import StudyConfig, TrialConfig
+from study.config import StudyConfig, TrialConfig, load_config_file
 from study.engine.apply import ApplyOptions, apply
+from study.engine.apply import stop_rule as apply_stop_rule
 from study.engine import images as img
 from study.engine.holdout import HoldOutStop, clipped_noise_power, fill, keep_mask
 from study.engine.pack import network_for
 from study.engine.trial import Trial, run_trial
+from study.studydir import StudyRecord
 from trialutil import run_keeping_checkpoint
 
 CPU = torch.device("cpu")
@@ -216,3 +219,33 @@ def test_the_estimate_claims_no_mse_below_its_own_sampling_error():
     m = float(held.sum())
     want = 10 * math.log10(1 / (sigma**2 * math.sqrt(2 / m)))
     assert rule.estimates(y)[0]["psnr_estimate"] == pytest.approx(want, abs=0.01)
+
+
+# --- the default rule (chosen by measurement: docs/science.md) and older records ---
+
+def test_the_default_rule_is_held_out_pixels_for_denoise_and_es_wmv_elsewhere():
+    assert TrialConfig().stop_rule == "holdout"
+    assert TrialConfig(task="inpaint").stop_rule == "eswmv"
+    assert TrialConfig(task="sr", stop_rule="default").stop_rule == "eswmv"
+    # The resolved rule is what a config records, so its replay runs the same rule.
+    assert TrialConfig.from_dict(TrialConfig().to_dict()).stop_rule == "holdout"
+    # `apply --task inpaint` with a denoise config falls back to the task's default.
+    assert apply_stop_rule(TrialConfig(), ApplyOptions(task="inpaint", mask="m.png")) == "eswmv"
+    assert apply_stop_rule(TrialConfig(), ApplyOptions()) == "holdout"
+
+
+def test_records_from_before_the_rule_existed_keep_es_wmv(tmp_path):
+    old = {k: v for k, v in TrialConfig().to_dict().items() if k != "stop_rule"}
+    export = tmp_path / "best.json"
+    export.write_text(json.dumps({"config": old, "metric": "psnr_ema"}))
+    assert TrialConfig.from_dict(load_config_file(export)).stop_rule == "eswmv"
+    # A config a user writes by hand gets today's default.
+    bare = tmp_path / "mine.json"
+    bare.write_text(json.dumps({"lr": 0.02}))
+    assert TrialConfig.from_dict(load_config_file(bare)).stop_rule == "holdout"
+    # A study's record (study.json) written before the field: resume and extend keep ES-WMV.
+    study = StudyConfig(name="s", root=str(tmp_path), trial=TrialConfig()).to_dict()
+    study["trial"].pop("stop_rule")
+    rec = StudyRecord.from_dict({"study": study, "experiment_id": "1", "parent_run_id": "p",
+                                 "space": {}, "created": "now"})
+    assert rec.study.trial.stop_rule == "eswmv"

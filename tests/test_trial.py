@@ -14,7 +14,9 @@ from trialutil import run_keeping_checkpoint
 
 REPORT_KEYS = {"loss", "psnr", "ssim", "psnr_ema", "ssim_ema", "psnr_best", "best_iteration",
                "iteration", "seconds", "seconds_per_iteration",
-               "psnr_autostop", "ssim_autostop", "autostop_iteration", "autostop_fired", "forwards"}
+               "psnr_autostop", "ssim_autostop", "autostop_iteration", "autostop_fired", "forwards",
+               "holdout_mse", "psnr_estimate"}  # the default stop rule (denoise) is held-out pixels
+HOLDOUT_KEYS = {"holdout_mse", "psnr_estimate"}
 TIMING_KEYS = {"seconds", "seconds_per_iteration"}
 
 
@@ -141,7 +143,9 @@ def test_nan_loss_raises_trial_diverged_at_the_report():
 def test_every_mode_and_task_runs(mode, task):
     r = run_trial(tiny(noise_mode=mode, task=task, iterations=5, report_every=5), no_report)
     assert r["iterations"] == 5
-    assert all(math.isfinite(r[k]) for k in REPORT_KEYS)
+    # Held-out pixels (the default rule) only for denoise: the other tasks default to ES-WMV.
+    keys = REPORT_KEYS if task == "denoise" else REPORT_KEYS - HOLDOUT_KEYS
+    assert all(math.isfinite(r[k]) for k in keys) and not (set(r) & HOLDOUT_KEYS and task != "denoise")
 
 
 @pytest.mark.parametrize("mode", ["ddpm_resample", "ddpm_random_t", "gaussian_resample", "uniform"])
@@ -187,7 +191,9 @@ def test_unet_runs():
 
 @pytest.mark.parametrize("task", ["denoise", "inpaint", "sr"])
 def test_ddpm_input_is_built_from_the_observation(task):
-    trial = Trial(tiny(noise_mode="ddpm", task=task))
+    # ES-WMV: with held-out pixels (the denoise default) the input is built from the
+    # observation with those filled in (tests/test_holdout.py).
+    trial = Trial(tiny(noise_mode="ddpm", task=task, stop_rule="eswmv"))
     run = trial.networks[0]
     x0 = run.dip_input.x0
     assert torch.allclose(x0, 2 * run.data.input_image - 1)

@@ -19,7 +19,7 @@ STUDY_CHOICES = {"metric": tuple(METRICS), "scheduler": SCHEDULERS}
 # Flags whose names differ from the field (the spelling).
 FLAG_NAMES = {"images": "--image"}
 # Defaults shown as a user thinks of them, not as the float they are.
-DEFAULT_TEXT = {"sigma": "25/255"}
+DEFAULT_TEXT = {"sigma": "25/255", "stop_rule": "holdout for denoise, eswmv otherwise"}
 
 
 # Resolved once: get_type_hints evaluates every annotation of the class on each call.

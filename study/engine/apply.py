@@ -42,7 +42,7 @@ from study.engine.holdout import MASK_SEED_OFFSET, keep_mask
 from study.engine.images import Degraded, upsample
 from study.engine.pack import network_for
 from study.engine.trial import Trial, TrialDiverged, resolve_device, run_trial
-from study.modes import STOP_RULES, check_stop_rule
+from study.modes import HOLDOUT_TASKS, STOP_RULES, check_stop_rule, default_stop_rule
 from study.paths import write_json
 
 APPLY_TASKS = ("denoise", "inpaint", "sr")
@@ -66,7 +66,7 @@ class ApplyOptions:
         if self.task not in APPLY_TASKS:
             raise ValueError(f"unknown --task {self.task!r}; allowed: {', '.join(APPLY_TASKS)}")
         if self.stop not in ("config", "auto"):
-            raise ValueError(f"unknown --stop {self.stop!r}; allowed: auto (ES-WMV), or leave it out")
+            raise ValueError(f"unknown --stop {self.stop!r}; allowed: auto (the stop rule), or leave it out")
         if (self.mask is not None) != (self.task == "inpaint"):
             raise ValueError("--mask goes with --task inpaint, and --task inpaint needs --mask MASK.png")
         check_sigma(self.sigma, self.task)
@@ -192,6 +192,14 @@ def make_problem(y: torch.Tensor, opts: ApplyOptions, mask: torch.Tensor | None,
 Progress = Callable[[str], None]
 
 
+def stop_rule(cfg: TrialConfig, opts: ApplyOptions) -> str:
+    """--stop-rule, else the config's where apply's task allows it, else the task's default
+    (a denoise config's held-out rule does not carry over to `--task inpaint`)."""
+    if opts.stop_rule:
+        return opts.stop_rule
+    return cfg.stop_rule if opts.task in HOLDOUT_TASKS else default_stop_rule(opts.task)
+
+
 def fit(cfg: TrialConfig, prob: Problem, opts: ApplyOptions, device: torch.device,
         progress: Progress) -> tuple[torch.Tensor, dict[str, Any]]:
     """Train one network on `prob` with the trial loop (study/engine/trial.py, the packed
@@ -200,7 +208,7 @@ def fit(cfg: TrialConfig, prob: Problem, opts: ApplyOptions, device: torch.devic
     cfg = cfg.replace(stop="auto" if auto else "budget",
                       window=opts.window or cfg.window, patience=opts.patience or cfg.patience,
                       iterations=opts.max_iterations if opts.stop == "auto" else cfg.iterations,
-                      stop_rule=(opts.stop_rule or cfg.stop_rule) if auto else "eswmv")
+                      stop_rule=stop_rule(cfg, opts) if auto else "eswmv")
     # The loss is taken on the known pixels only: the observation and the output masked
     # by `weight` (0 on padding and on missing pixels).
     data = Degraded(None, prob.observation * prob.weight, prob.input_image, prob.weight,
@@ -264,7 +272,7 @@ def apply(cfg: TrialConfig, image: str, out: Path, opts: ApplyOptions,
     pic = read_picture(image)
     check_out(out, pic)
     if opts.stop == "auto" or (opts.stop == "config" and cfg.stop == "auto"):
-        check_stop_rule(opts.stop_rule or cfg.stop_rule, opts.task)
+        check_stop_rule(stop_rule(cfg, opts), opts.task)
     mask = read_mask(opts.mask, tuple(pic.x.shape[-2:])) if opts.mask else None
     device = resolve_device(cfg.device)
     prob = make_problem(pic.x, opts, mask, 2 ** cfg.scales)
