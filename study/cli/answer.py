@@ -54,13 +54,14 @@ def _apply_parser(sub: argparse._SubParsersAction) -> None:
                    help="what the image needs [the config's task if it is one of these, else denoise]")
     p.add_argument("--mask", metavar="MASK.png", help="inpaint: white = known pixel, black = missing")
     p.add_argument("--sr-factor", type=int, help="sr: the output is this many times larger [the config's]")
-    p.add_argument("--stop", choices=("auto",), help="auto: stop by ES-WMV (no-reference) "
-                   "instead of after the config's iterations [the config's stop]")
+    p.add_argument("--stop", choices=("auto",), help="auto: stop by the no-reference rule "
+                   "(--stop-rule) instead of after the config's iterations [the config's stop]")
     p.add_argument("--iterations", type=int, help="iterations without --stop auto [the config's]")
     p.add_argument("--max-iterations", type=int, default=10000, help="--stop auto: at most this many [10000]")
     p.add_argument("--window", type=int, help="ES-WMV window [the config's; paper: 100]")
-    p.add_argument("--patience", type=int, help="ES-WMV patience [the config's; paper: 1000]")
-    p.add_argument("--stop-rule", help="--stop auto: eswmv or holdout (held-out pixels, denoise) [the config's]")
+    p.add_argument("--patience", type=int, help="iterations without improvement before the rule fires [the config's; ES-WMV paper: 1000]")
+    p.add_argument("--stop-rule", help="--stop auto: eswmv or holdout (held-out pixels, denoise) "
+                   "[the config's; a denoise config's is holdout by default; other tasks: eswmv]")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N [the config's]")
     p.add_argument("--sigma", help="denoise: the noise sigma on [0, 1] (0.098 for 25/255), or auto: "
                    "estimated from the image, one value over a colour image's channels [auto]")
