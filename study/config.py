@@ -129,6 +129,12 @@ class TrialConfig:
         return cls(**d)
 
     def replace(self, **changes: object) -> "TrialConfig":
+        # A rule that is its task's default follows a new task (a denoise config made an
+        # inpaint one stops by ES-WMV, not by a rule inpaint refuses); one set apart from
+        # the default stays, and is checked against the new task.
+        task = changes.get("task", self.task)
+        if task != self.task and "stop_rule" not in changes and self.stop_rule == default_stop_rule(self.task):
+            changes["stop_rule"] = "default"
         return dataclasses.replace(self, **changes)
 
     def to_json(self, path: str | os.PathLike) -> None:

@@ -232,6 +232,12 @@ def test_the_default_rule_is_held_out_pixels_for_denoise_and_es_wmv_elsewhere():
     # `apply --task inpaint` with a denoise config falls back to the task's default.
     assert apply_stop_rule(TrialConfig(), ApplyOptions(task="inpaint", mask="m.png")) == "eswmv"
     assert apply_stop_rule(TrialConfig(), ApplyOptions()) == "holdout"
+    # A default rule follows a new task; a rule named with the task is checked against it.
+    assert TrialConfig().replace(task="inpaint").stop_rule == "eswmv"
+    assert TrialConfig(task="inpaint").replace(task="denoise").stop_rule == "holdout"
+    assert TrialConfig(stop_rule="eswmv").replace(task="inpaint", missing=0.3).stop_rule == "eswmv"
+    with pytest.raises(ValueError, match="task 'sr' cannot use it"):
+        TrialConfig().replace(task="sr", stop_rule="holdout")
 
 
 def test_records_from_before_the_rule_existed_keep_es_wmv(tmp_path):
