@@ -71,6 +71,17 @@ class StudyRecord:
         """The settings as the latest stage runs them (a `resume` continues that one)."""
         return self.extensions[-1].study if self.extensions else self.study
 
+    def moved_to(self, root: str) -> "StudyRecord":
+        """The record as read from ROOT: a study root copied or moved elsewhere (rsync from a
+        cluster's head to a laptop) works where it now lies, not where it was made. Its default
+        MLflow store (ROOT/mlflow.db) moves with it; a `--tracking-uri` it named stays."""
+        if Path(self.study.root).resolve() == Path(root).resolve():
+            return self
+        return dataclasses.replace(
+            self, study=dataclasses.replace(self.study, root=root),
+            extensions=tuple(dataclasses.replace(e, study=dataclasses.replace(e.study, root=root))
+                             for e in self.extensions))
+
     def extended(self, stage: StudyStage) -> "StudyRecord":
         return dataclasses.replace(self, extensions=(*self.extensions, stage))
 
@@ -118,7 +129,7 @@ def read_study(root: str, name: str) -> StudyRecord:
     path = record_path(root, name)
     if not path.is_file():
         raise ValueError(f"no study {name!r} under {root!r}; studies there: {', '.join(study_names(root)) or 'none'}")
-    return read_record(path)
+    return read_record(path).moved_to(root)
 
 
 def write_study(record: StudyRecord) -> None:

@@ -48,6 +48,7 @@ TRIALS = [("uniform", None, 0.01, "completed", 24.0, 26.0), ("uniform", None, 0.
 
 
 def _record_study(root, observation_offset: float = 0.0):
+    root.mkdir(parents=True, exist_ok=True)
     s = StudyConfig(name="fab", root=str(root), trial=TrialConfig(
         images=IMAGES, size=32, scales=2, channels=8, iterations=40, repeats=2))
     facts = report.image_facts(s.trial, baseline=False)  # the observations' PSNR, as a trial logs it
@@ -130,6 +131,19 @@ def test_report_without_baseline_says_so_and_shows_none(tmp_path):
     assert "BM3D" not in md and "Baseline: none (report --no-baseline)" in md, md
     with Image.open(tmp_path / "r" / "best_outputs.png") as grid:  # observation | output | clean
         assert grid.width == 3 * (128 + 2) + 2, grid.size
+
+
+def test_a_study_root_copied_elsewhere_reports_where_it_lies(tmp_path):
+    """rsync a root from a cluster's head to a laptop: the study there reads its own MLflow
+    store and writes its report there, not into the path it was made under."""
+    import shutil
+
+    _record_study(tmp_path / "made")
+    shutil.copytree(tmp_path / "made", tmp_path / "here")
+    shutil.rmtree(tmp_path / "made")
+    path = report.make_report(str(tmp_path / "here"), "fab", baseline=False, log=False)
+    assert path == tmp_path / "here" / "fab" / "report" / "report.md" and "trial_0000" in path.read_text()
+    assert not (tmp_path / "made").exists()
 
 
 def test_report_refuses_an_unknown_study_in_one_sentence(tmp_path):

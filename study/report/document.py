@@ -222,12 +222,20 @@ def _header(s: StudyConfig, rows: list[TrialRow], meta: Any, searched: list[str]
             f"{', '.join(f'`{m}` ({d})' for m, d in s.objective_list)}, scheduler {s.scheduler}.\n"
             + _warm_start_line(s) +
             f"- `{HONEST}`: PSNR of the output average at the trial's last report (the honest number). "
-            f"`{AUTOSTOP}`: PSNR of the output the no-reference rule ES-WMV picks (window {t.window}, "
-            f"patience {t.patience}; until it fires, its candidate so far), honest too. "
+            f"`{AUTOSTOP}`: PSNR of the output the no-reference rule {_rule_words(t)} picks, honest too. "
             f"`{ORACLE}`: the best `{HONEST}` over iterations, an **oracle** (it looks at the clean image).\n"
             "- Medians and means use completed trials only: a trial stopped early by the scheduler "
             "reports an earlier iteration's value, not comparable. The sampler (TPE) gives promising "
             "modes more trials, so counts differ by mode.\n")
+
+
+def _rule_words(t: Any) -> str:
+    """The stop rule the trials ran, in the words the header uses."""
+    if t.stop_rule == "holdout":
+        return (f"held-out pixels ({t.holdout_fraction:.0%} of the pixels left out of the loss; "
+                f"the output where their error is lowest; patience {t.patience}, until it fires its "
+                "candidate so far)")
+    return f"ES-WMV (window {t.window}, patience {t.patience}; until it fires, its candidate so far)"
 
 
 def _estimate_part(rows: list[TrialRow], facts: list[ImageFacts]) -> list[str]:
