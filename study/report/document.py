@@ -222,7 +222,7 @@ def _header(s: StudyConfig, rows: list[TrialRow], meta: Any, searched: list[str]
             f"{', '.join(f'`{m}` ({d})' for m, d in s.objective_list)}, scheduler {s.scheduler}.\n"
             + _warm_start_line(s) +
             f"- `{HONEST}`: PSNR of the output average at the trial's last report (the honest number). "
-            f"`{AUTOSTOP}`: PSNR of the output the no-reference rule {_rule_words(t)} picks, honest too. "
+            f"`{AUTOSTOP}`: PSNR of the output the no-reference stop picks ({_rule_words(t)}), honest too. "
             f"`{ORACLE}`: the best `{HONEST}` over iterations, an **oracle** (it looks at the clean image).\n"
             "- Medians and means use completed trials only: a trial stopped early by the scheduler "
             "reports an earlier iteration's value, not comparable. The sampler (TPE) gives promising "
@@ -232,10 +232,10 @@ def _header(s: StudyConfig, rows: list[TrialRow], meta: Any, searched: list[str]
 def _rule_words(t: Any) -> str:
     """The stop rule the trials ran, in the words the header uses."""
     if t.stop_rule == "holdout":
-        return (f"held-out pixels ({t.holdout_fraction:.0%} of the pixels left out of the loss; "
-                f"the output where their error is lowest; patience {t.patience}, until it fires its "
-                "candidate so far)")
-    return f"ES-WMV (window {t.window}, patience {t.patience}; until it fires, its candidate so far)"
+        return (f"held-out pixels: {t.holdout_fraction:.0%} of the pixels left out of the loss, the "
+                f"output where their error is lowest, patience {t.patience}; until it fires, its "
+                "candidate so far")
+    return f"ES-WMV: window {t.window}, patience {t.patience}; until it fires, its candidate so far"
 
 
 def _estimate_part(rows: list[TrialRow], facts: list[ImageFacts]) -> list[str]:
