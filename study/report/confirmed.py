@@ -67,15 +67,15 @@ def _figure(r: JsonObject, out: Path) -> None:
     if r["bm3d"]:
         rows.append(("BM3D", r["bm3d"]["values"], "psnr"))
     images = sorted({x["image"] for _, src, _ in rows for x in src})
-    fig, ax = plt.subplots(figsize=(6.4, 0.6 * len(rows) + 2.0))
+    fig, ax = plt.subplots(figsize=(9.0, 0.6 * len(rows) + 2.0))  # long run names, legend beside
     for y, (_, src, k) in enumerate(rows):
         for j, image in enumerate(images):
             vals = [x[k] for x in src if x["image"] == image]
             ax.scatter(vals, [y + 0.08 * (j - (len(images) - 1) / 2)] * len(vals), color=f"C{j}", s=14,
                        label=image if y == 0 else None)
     ax.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=7)
-    ax.set_xlabel(f"{key} (dB; BM3D: its PSNR), one point per image and seed")
-    save_figure(fig, ax, out / FIGURE)
+    ax.set_xlabel(f"{key}, dB (BM3D: its PSNR); one point per image and seed")
+    save_figure(fig, ax, out / FIGURE, legend_outside=True)
 
 
 def _answer(r: JsonObject) -> str:

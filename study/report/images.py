@@ -100,12 +100,16 @@ def best_output(uri: str, run_id: str, label: str, several: bool) -> torch.Tenso
     return None if a is None else torch.from_numpy(a.astype("float32") / 255.0).permute(2, 0, 1)[None]
 
 
-def save_figure(fig: Figure, ax: Axes, path: Path) -> None:
-    """Every report figure ends alike: small legend, light grid, tight layout, 110 dpi."""
+def save_figure(fig: Figure, ax: Axes, path: Path, legend_outside: bool = False) -> None:
+    """Every report figure ends alike: small legend (beside the axes where points would hide
+    under it), light grid, 110 dpi, cropped to what was drawn (long tick labels are not cut)."""
     import matplotlib.pyplot as plt
 
-    ax.legend(fontsize=7)
+    if legend_outside:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
