@@ -31,6 +31,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from study.objectives import from_params
 from study.paths import JsonObject
+from study.tracking import template
 from study.tracking.keys import from_mlflow, image_to_mlflow
 from study.tracking.records import (ROLE_TAG, TRIAL_TAG, dict_record, end_record, flat_params,
                                     metrics_record, tags_record)
@@ -111,9 +112,15 @@ def _ready(path: Path) -> bool:
 
 
 def writer_client(uri: str) -> MlflowClient:
-    """A client that may create the store: the driver's (StudyTracker) and the relay's."""
+    """A client that may create the store: the driver's (StudyTracker) and the relay's. A new
+    sqlite store starts as a copy of this installation's migrated empty one (template.py)."""
     with _creating(uri):
-        return MlflowClient(tracking_uri=uri)
+        path = _sqlite_path(uri)
+        if path is not None and not path.exists():
+            template.seed_store(path)
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # opened under the lock: MLflow adds "Default" here
+        return client
 
 
 def _flat_params(d: JsonObject) -> list[Param]:
