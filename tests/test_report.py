@@ -173,3 +173,15 @@ def test_every_trial_table_is_best_first_in_the_objectives_direction():
 
     assert order("min") == ["b", "d", "a", "c"]
     assert order("max") == ["a", "d", "b", "c"]
+
+
+def test_the_report_grid_is_torchvisions_layout():
+    """report/images.py tiles the best outputs itself (torchvision costs 2 s to import)."""
+    import torch
+    from torchvision.utils import make_grid
+
+    from study.report.images import tile_grid
+
+    tiles = [torch.rand(3, 16, 12, generator=torch.Generator().manual_seed(k)) for k in range(7)]
+    for ncol in (3, 4):
+        assert torch.equal(tile_grid(tiles, ncol), make_grid(tiles, nrow=ncol, padding=2, pad_value=1.0))

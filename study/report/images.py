@@ -79,15 +79,26 @@ def image_facts(base: TrialConfig, baseline: bool) -> list[ImageFacts]:
 def best_grid(facts: list[ImageFacts], best_images: list[torch.Tensor | None], path: Path) -> None:
     """Per image one row: observation | best configuration's output | baseline | clean; no
     baseline column when no image has one (report --no-baseline, or a task without one)."""
-    from torchvision.utils import make_grid, save_image
-
     tiles, with_baseline = [], any(f.baseline is not None for f in facts)
     for f, out in zip(facts, best_images, strict=True):
         row = [f.observation, out, *([f.baseline] if with_baseline else []), f.clean]
         tiles += [(t if t is not None else torch.zeros_like(f.clean)).expand(1, 3, -1, -1) for t in row]
     k = max(1, 128 // tiles[0].shape[-1])  # small study images shown at >= 128 px, pixels kept
     tiles = [torch.nn.functional.interpolate(t, scale_factor=k, mode="nearest")[0] for t in tiles]
-    save_image(make_grid(tiles, nrow=4 if with_baseline else 3, padding=2, pad_value=1.0), path)
+    img.save_png(tile_grid(tiles, 4 if with_baseline else 3)[None], path)
+
+
+def tile_grid(tiles: list[torch.Tensor], ncol: int, pad: int = 2) -> torch.Tensor:
+    """(C, H, W) tiles of one shape, row by row, `pad` white pixels around and between them:
+    torchvision.utils.make_grid's layout, without importing torchvision (2 s at the end of
+    every study, most of it torch._dynamo)."""
+    c, h, w = tiles[0].shape
+    rows = -(-len(tiles) // ncol)
+    grid = torch.ones(c, rows * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i, t in enumerate(tiles):
+        top, left = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
+        grid[:, top:top + h, left:left + w] = t
+    return grid
 
 
 def best_output(uri: str, run_id: str, label: str, several: bool) -> torch.Tensor | None:
