@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from study.modes import (DDPM_MODES, LEGACY_DEFAULTS, NOISE_MODES, STOP_RULES, NoiseMode, StopRuleChoice,
-                         check_rule_metrics, default_stop_rule,
-                         check_stop_rule, check_sure, config_uses)
+                         check_rule_metrics, check_stop_rule, check_sure, config_uses, default_stop_rule)
 from study.objectives import METRICS, OBJECTIVE_METRICS, check_objectives, parse_objective, split
 from study.paths import JsonObject
 
@@ -42,8 +41,7 @@ BUNDLED_IMAGES: tuple[str, ...] = (
     "astronaut", "brick", "camera", "cell", "chelsea", "checkerboard", "clock", "coffee",
     "coins", "colorwheel", "grass", "gravel", "horse", "hubble_deep_field",
     "immunohistochemistry", "logo", "microaneurysms", "moon", "page", "retina", "rocket",
-    "shepp_logan_phantom", "text",
-)
+    "shepp_logan_phantom", "text")
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 
 
@@ -129,11 +127,10 @@ class TrialConfig:
         return cls(**d)
 
     def replace(self, **changes: object) -> "TrialConfig":
-        # A rule that is its task's default follows a new task (a denoise config made an
-        # inpaint one stops by ES-WMV, not by a rule inpaint refuses); one set apart from
-        # the default stays, and is checked against the new task.
-        task = changes.get("task", self.task)
-        if task != self.task and "stop_rule" not in changes and self.stop_rule == default_stop_rule(self.task):
+        """A stop rule that is its task's default follows a new task (denoise made inpaint
+        stops by ES-WMV, not by a rule inpaint refuses); one set apart stays, and is checked."""
+        if changes.get("task", self.task) != self.task and "stop_rule" not in changes \
+                and self.stop_rule == default_stop_rule(self.task):
             changes["stop_rule"] = "default"
         return dataclasses.replace(self, **changes)
 

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Sequence
 from study import studydir
 from study.config import StudyConfig, TrialConfig, check_image_spec
 from study.confirmation import Plan, Variant
-from study.engine.images import preflight
+from study.engine.imagefiles import preflight
 from study.engine.sure import forwards_per_step
 from study.modes import mode_uses
 from study.paths import JsonObject, command, write_json
 
 if TYPE_CHECKING:
-    from study.cluster.trainable import StudyContext
+    from study.cluster.context import StudyContext
     from study.results import FitSummary
     from study.tracking.store import TrialSummary
 

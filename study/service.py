@@ -18,11 +18,11 @@ from study.config import StudyConfig
 from study.modes import config_uses
 from study.results import BestTrial, FitSummary
 from study.studydir import StudyRecord, StudyStage, read_study
-from study.engine.images import preflight
+from study.engine.imagefiles import preflight
 from study.paths import check_writable, command, resume_hint
 
 if TYPE_CHECKING:  # for the type checker only: these import Ray, MLflow and Optuna
-    from study.cluster.trainable import StudyContext
+    from study.cluster.context import StudyContext
     from study.cluster.tune import tune  # tune: Ray's, as the Ray room imports it
     from study.space import SearchSpace
     from study.tracking.store import StudyTracker
@@ -51,12 +51,22 @@ def preflight_study(s: StudyConfig) -> SearchSpace:
     return space
 
 
-def study_context(s: StudyConfig, experiment_id: str, parent: str) -> StudyContext:
-    """Starts the study's MLflow relay (on this node) and returns what every trial needs."""
-    from study.cluster import relay as rl, trainable
+def start_relay(s: StudyConfig) -> None:
+    """The study's MLflow relay, on this node."""
+    from study.cluster import relay as rl
 
     rl.start_relay(s.name, s.spool_dir, s.resolved_tracking_uri)
-    return trainable.StudyContext(
+
+
+def study_context(s: StudyConfig, experiment_id: str, parent: str, relay: bool = True) -> StudyContext:
+    """Starts the study's MLflow relay (on this node; `relay` False: the caller has, with
+    `start_relay`: a second start would drop the first's handle, and Ray the actor) and
+    returns what every trial needs."""
+    from study.cluster import context, relay as rl
+
+    if relay:
+        start_relay(s)
+    return context.StudyContext(
         study=s.name, base=s.trial.to_dict(), experiment_id=experiment_id, parent_run_id=parent,
         relay=rl.relay_name(s.name), metric=s.metric, objectives=tuple(m for m, _ in s.objective_list),
         image_every=s.image_every,
@@ -98,6 +108,7 @@ def run(s: StudyConfig) -> int:
         gpus = st.gpus_per_trial(s)  # refuse an impossible request before writing anything
         check_storage(s, st.alive_nodes())
         Path(s.root).mkdir(parents=True, exist_ok=True)
+        start_relay(s)  # now: its worker starts while the tracker below opens the store
         tracker = _tracker(s)
         note = f"DIP study {s.name}: {s.num_samples} trials, metric {s.metric}"
         warm = {warmstart.WARM_TAG: ",".join(s.warm_start)} if s.warm_start else {}
@@ -107,7 +118,7 @@ def run(s: StudyConfig) -> int:
             created=time.strftime("%Y-%m-%dT%H:%M:%S")))
         if s.warm_start:  # before the searcher, which loads the record it makes
             warmstart.seed(s, space)
-        tuner = st.build_tuner(s, space, study_context(s, tracker.experiment_id, parent), gpus)
+        tuner = st.build_tuner(s, space, study_context(s, tracker.experiment_id, parent, relay=False), gpus)
         return _fit_and_finish(s, tracker, parent, tuner, list(space.spec))
     finally:
         st.shutdown()

@@ -10,8 +10,9 @@ from typing import Callable
 from ray import tune
 from ray.tune.experiment import Trial as TuneTrial
 
-from study.cluster.trainable import StudyContext, dip_trainable
-from study.cluster.tune import EndRunsCallback, StopOnError, fit_trials
+from study.cluster.context import StudyContext
+from study.cluster.entry import dip_trainable
+from study.cluster.tune import EndRunsCallback, StopOnError, fit_trials, result_loggers
 from study.config import StudyConfig
 from study.paths import JsonObject
 from study.results import FitSummary
@@ -59,7 +60,7 @@ def build_tuner(s: StudyConfig, name: str, contexts: tuple[StudyContext, ...],
         run_config=tune.RunConfig(
             name=name, storage_path=s.resolved_storage,
             callbacks=[EndRunsCallback(s.name, iterations, "fifo", str(ended_file), ctx.experiment_id,
-                                       ctx.parent_run_id, role="confirm")],
+                                       ctx.parent_run_id, role="confirm"), *result_loggers()],
             stop=StopOnError(), checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=s.max_failures), verbose=1))
 

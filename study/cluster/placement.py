@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import ray
-import torch
+
+if TYPE_CHECKING:  # the driver imports this module for FALLBACK_KEY, before it needs torch
+    import torch
 
 FALLBACK_TAG = "dip.device_fallback"
 FALLBACK_KEY = "device_fallback"  # in a trial's results (1.0): the driver counts them (tune.fit)

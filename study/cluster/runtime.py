@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Iterator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +77,7 @@ def connect(address: str) -> None:
     # Tune warns at every forced state snapshot (num_to_keep with frequent checkpoints of
     # small trials); the snapshots are wanted: they keep a killed driver's state recent.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # tune.result_loggers
     runtime_env: dict[str, str | list[str] | dict[str, str]] | None = {
         "working_dir": str(PROJECT_ROOT), "excludes": RUNTIME_EXCLUDES}
     # The test side's fault hook (see `_test_hook`) reaches trials on every node, not only
@@ -89,9 +90,34 @@ def connect(address: str) -> None:
     import ray  # here, not at the top: the job commands use this module without starting Ray
 
     explicit = address not in ("", "auto")  # '' and 'auto' leave the choice to RAY_ADDRESS
+    kwargs = {"address": address or None, "runtime_env": runtime_env, "include_dashboard": False,
+              "logging_level": "WARNING", "ignore_reinit_error": True}
     try:
         with address_given(*(["RAY_ADDRESS"] if explicit else [])):
-            ray.init(address=address or None, runtime_env=runtime_env, include_dashboard=False,
-                     logging_level="WARNING", ignore_reinit_error=True)
+            if address:
+                ray.init(**kwargs)
+            else:
+                _init_local(ray, kwargs)
     except ConnectionError as e:
         raise ValueError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
+
+
+# A Ray that ray.init starts here runs every worker on this machine, started by its raylet
+# from this process's environment: they import this project from the driver's sys.path (Ray's
+# _py_driver_sys_path) and start in its working folder, so the project need not travel as a
+# working_dir, and without a runtime env the raylet's prestarted workers (one per CPU, ready
+# with Python and Ray imported) take the study's relay and first trials: about 2 s off the
+# time to the first trial on 2 cores (bench/study_overhead.py, README). Ray refuses any
+# _system_config when ray.init would join a running cluster instead (RAY_ADDRESS, a `ray
+# start` on this machine), before it connects: passing one (here, a default value, which
+# changes nothing) tells starting from joining without Ray's private API.
+STARTS_LOCAL = {"prestart_worker_first_driver": True}
+
+
+def _init_local(ray: ModuleType, kwargs: dict[str, object]) -> None:
+    """ray.init with no address: start a local Ray without a runtime env, or join the one Ray
+    finds with the working_dir (its nodes may be other machines)."""
+    try:
+        ray.init(**{**kwargs, "runtime_env": None}, _system_config=STARTS_LOCAL)
+    except ValueError:  # Ray would join a cluster: join it as any other
+        ray.init(**kwargs)

@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +16,7 @@ import ray
 import torch
 from ray import tune
 
+from study.cluster.context import ERROR_KEY, StudyContext
 from study.cluster.placement import FALLBACK_KEY, placement_tags
 from study.cluster.relay import RelaySender
 from study.config import TrialConfig
@@ -29,27 +29,6 @@ from study.paths import JsonObject
 from study.tracking.records import TrialLogger, run_create_info
 
 CKPT_FILE = "trial.pt"
-ERROR_KEY = "dip_error"  # in a trial's last result: why it failed (it is not retried)
-@dataclass(frozen=True)
-class StudyContext:
-    """What every trial needs besides its sampled parameters (passed with with_parameters:
-    OptunaSearch with a define-by-run space refuses a non-empty param_space)."""
-
-    study: str
-    base: JsonObject             # TrialConfig.to_dict() of the study's base config
-    experiment_id: str
-    parent_run_id: str
-    relay: str                   # name of the study's Relay actor (MLflow writes go through it)
-    metric: str                  # the study's objective (a failed trial reports it as NaN)
-    image_every: int
-    checkpoint_every: int        # reports between checkpoints (resolved, >= 1)
-    threads: int
-    objectives: tuple[str, ...] = ()  # every objective's metric (a failed trial reports each as NaN)
-    role: str = "trial"          # "trial": the search's; "confirm": a re-run (study/confirm.py)
-    run_name: str = ""           # the run's name ('' : what the trial tries, trial_run_name)
-    tags: tuple[tuple[str, str], ...] = ()  # more tags for the run (a re-run names what it re-runs)
-
-
 # --- the trainable ---
 
 def _load_state() -> State | None:
@@ -106,7 +85,8 @@ def _save(trial: Trial, undelivered: list[JsonObject], samples: int, d: str) -> 
     return tune.Checkpoint.from_directory(d)
 
 
-def dip_trainable(config: JsonObject, ctx: StudyContext) -> None:
+def train(config: JsonObject, ctx: StudyContext) -> None:
+    """A trial, in its worker (entry.dip_trainable calls it)."""
     cfg = TrialConfig.from_dict({**ctx.base, **config})
     torch.set_num_threads(ctx.threads)
     # One "Checkpoint successfully created" line per report drowns the progress table.

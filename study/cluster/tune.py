@@ -18,7 +18,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study.cluster.placement import FALLBACK_KEY
 from study.cluster.relay import send
-from study.cluster.trainable import ERROR_KEY, StudyContext, dip_trainable
+from study.cluster.context import ERROR_KEY, StudyContext
+from study.cluster.entry import dip_trainable
 from study.config import StudyConfig
 from study.paths import JsonObject, write_json
 from study.results import FitSummary
@@ -214,7 +215,7 @@ def build_tuner(s: StudyConfig, space: SearchSpace, ctx: StudyContext, gpus: flo
         run_config=tune.RunConfig(
             name="tune", storage_path=s.resolved_storage,
             callbacks=[EndRunsCallback(s.name, s.trial.iterations, s.scheduler, str(s.ended_file),
-                                       ctx.experiment_id, ctx.parent_run_id)],
+                                       ctx.experiment_id, ctx.parent_run_id), *result_loggers()],
             stop=StopOnError(),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             # A trial whose worker or node dies goes on from its last checkpoint on a live node.
@@ -230,6 +231,17 @@ def experiment_path(s: StudyConfig) -> str:
 
 def can_restore(s: StudyConfig) -> bool:
     return tune.Tuner.can_restore(experiment_path(s))
+
+
+def result_loggers() -> list[tune.Callback]:
+    """Tune's own result files (result.json, progress.csv) in every trial's folder, without its
+    default third, TensorBoard's: MLflow is the study's logger, and tensorboardX imports torch
+    into the driver while the first trials start (1.3 s of CPU on 2 cores,
+    bench/study_overhead.py). Tune adds its defaults unless TUNE_DISABLE_AUTO_CALLBACK_LOGGERS
+    is 1 (runtime.connect sets it; a user's 0 brings TensorBoard back)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
 
 
 def restore_tuner(s: StudyConfig, ctx: StudyContext) -> tune.Tuner:

@@ -13,67 +13,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from study.config import BUNDLED_IMAGES, IMAGE_SUFFIXES, TrialConfig, check_image_spec
-
-
-def expand_images(specs: tuple[str, ...]) -> list[str]:
-    """Bundled names and files as given; folders replaced by their PNG/JPEG files, sorted."""
-    out: list[str] = []
-    for spec in specs:
-        check_image_spec(spec)
-        p = Path(spec)
-        if spec not in BUNDLED_IMAGES and p.is_dir():
-            out += sorted(str(q) for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(spec)
-    return out
-
-
-def image_label(spec: str) -> str:
-    """A short name for metrics and files: the bundled name or the file's stem."""
-    return spec if spec in BUNDLED_IMAGES else Path(spec).stem
-
-
-@dataclass
-class Pixels:
-    """An image file's pixels and what it takes to write a result back alike."""
-
-    a: np.ndarray                 # H x W (gray) or H x W x 3, float32 in [0, 1]
-    mode: str                     # PIL mode to write: L, RGB, RGBA, LA or I;16
-    alpha: np.ndarray | None      # the alpha channel (H x W, uint8)
-
-    @property
-    def x(self) -> torch.Tensor:
-        """(1, C, H, W) float32 in [0, 1]."""
-        a = self.a[:, :, None] if self.a.ndim == 2 else self.a
-        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].clamp(0, 1)
-
-
-def read_file(path: str | Path) -> Pixels:
-    """A PNG/JPEG/TIFF file as gray or RGB in [0, 1], its alpha apart; 16-bit gray keeps
-    its 16 bits (convert("RGB") would clip every value above 255 to white)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode.startswith("I"):  # "I;16", "I;16B", "I;16L" or "I"
-                return Pixels(np.asarray(im).astype(np.float32) / 65535.0, "I;16", None)
-            if im.mode == "P":  # a palette image comes back as RGB(A)
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            alpha = np.asarray(im.getchannel("A")) if "A" in im.getbands() else None
-            gray = im.mode in ("1", "L", "LA")
-            a = np.asarray(im.convert("L" if gray else "RGB")).astype(np.float32) / 255.0
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
-    mode = ("LA" if alpha is not None else "L") if gray else ("RGBA" if alpha is not None else "RGB")
-    return Pixels(a, mode, alpha)
-
-
-def _read(spec: str) -> np.ndarray:
-    if spec in BUNDLED_IMAGES:
-        import skimage.data  # bundled with scikit-image: no download
-
-        return np.asarray(getattr(skimage.data, spec)())
-    return read_file(spec).a
+from study.config import TrialConfig
+# Reading files needs no torch (imagefiles.py, what a driver's preflight uses); re-exported here.
+from study.engine.imagefiles import (Pixels, check_size, expand_images, image_label,  # noqa: F401
+                                     preflight, read_array, read_file)
 
 
 def _to_unit(a: np.ndarray) -> torch.Tensor:
@@ -104,24 +47,16 @@ def _convert(x: torch.Tensor, color: str) -> torch.Tensor:
 
 def load_image(spec: str, size: int, color: str = "auto") -> torch.Tensor:
     """Centre-crop to a square and resize (antialiased) to size x size."""
-    x = _convert(_to_unit(_read(spec)), color)
+    a = read_array(spec)
+    check_size(spec, a, size)
+    x = _convert(_to_unit(a), color)
     h, w = x.shape[-2:]
     side = min(h, w)
-    if side < size:
-        raise ValueError(
-            f"image {spec!r} is {w}x{h}, smaller than size = {size}; allowed: size <= {side}"
-        )
     top, left = (h - side) // 2, (w - side) // 2
     x = x[..., top : top + side, left : left + side]
     if side != size:
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return x.clamp(0, 1).contiguous()
-
-
-def preflight(cfg: TrialConfig) -> None:
-    """Read every image of `cfg` once, so a bad or too small file is refused up front."""
-    for spec in expand_images(cfg.images):
-        load_image(spec, cfg.size, cfg.color)
 
 
 @dataclass
