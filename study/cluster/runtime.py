@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Iterator
@@ -114,9 +115,24 @@ def connect(address: str) -> None:
 STARTS_LOCAL = {"prestart_worker_first_driver": True}
 
 
+def _workers_find_project() -> bool:
+    """Whether the workers of a Ray started here import this project without a working_dir:
+    Ray gives them the driver's script folder (where it is on sys.path) and working folder
+    (ray/_private/worker.py, _py_driver_sys_path), and they inherit PYTHONPATH. A driver that
+    found the project some other way (a sys.path entry it added) ships it as the working_dir."""
+    script = Path(os.path.realpath(sys.argv[0])).parent if sys.argv and sys.argv[0] else None
+    given = [Path.cwd()] + ([script] if script is not None and str(script) in sys.path else [])
+    given += [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return any(p.resolve() == PROJECT_ROOT for p in given)
+
+
 def _init_local(ray: ModuleType, kwargs: dict[str, object]) -> None:
-    """ray.init with no address: start a local Ray without a runtime env, or join the one Ray
-    finds with the working_dir (its nodes may be other machines)."""
+    """ray.init with no address: start a local Ray without a runtime env (where its workers
+    find the project), or join the one Ray finds with the working_dir (its nodes may be other
+    machines)."""
+    if not _workers_find_project():
+        ray.init(**kwargs)
+        return
     try:
         ray.init(**{**kwargs, "runtime_env": None}, _system_config=STARTS_LOCAL)
     except ValueError:  # Ray would join a cluster: join it as any other
