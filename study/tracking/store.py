@@ -119,7 +119,8 @@ def writer_client(uri: str) -> MlflowClient:
         if path is not None and not path.exists():
             template.seed_store(path)
         client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)  # opened under the lock: MLflow adds "Default" here
+        if path is not None:  # opened under the lock: MLflow adds "Default" here. A server's
+            client.search_experiments(max_results=1)  # store is its own (and it may be away)
         return client
 
 
