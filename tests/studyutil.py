@@ -41,10 +41,57 @@ def cli(*args: str, timeout: float = 600, **extra: str) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout, env=env(**extra))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ephemeral_range() -> range:
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    return range(lo, hi + 1)
+
+
+_HANDED_OUT: set[int] = set()  # never the same port twice in one test process
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free port outside the kernel's ephemeral range. A port from `bind(0)` is one the
+    kernel hands out again, to the next `bind(0)` or outgoing connection (Ray's, MLflow's
+    clients'), while nothing listens on it: a test that stops a server and starts it again
+    on its port, or picks the port a minute before it starts one, then finds another's
+    server there, or cannot bind (seen in CI: the restarted server's port was taken)."""
+    import random
+
+    eph = _ephemeral_range()
+    for _ in range(1000):
+        port = random.randint(20000, 65000)
+        if port in eph or port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free port outside the ephemeral range")
+
+
+def listener_pids(port: int) -> set[int]:
+    """PIDs of the processes holding a socket listening on TCP `port` (IPv4), from /proc."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+            inodes.add(f"socket:[{f[9]}]")
+    pids = set()
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (p / "fd").iterdir()):
+                pids.add(int(p.name))
+        except OSError:
+            continue
+    return pids
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path | None = None, timeout: float = 180) -> None:
@@ -212,6 +259,13 @@ def read_json(p: Path) -> dict[str, Any]:
     return json.loads(Path(p).read_text())
 
 
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 that a test can stop and start again on the same
     port and store (a head restart); stopped by its own process group only."""
@@ -231,6 +285,9 @@ class MlflowServer:
                 stdout=out, stderr=subprocess.STDOUT, env=env(**SERVER_ENV), start_new_session=True)
         try:
             wait_http(self.url + "/health", self.proc, log, timeout)
+            # the server that answered must be this one (its session), not another's on the port
+            mine = {p for p in listener_pids(self.port) if _session(p) == self.proc.pid}
+            assert mine, f"{self.url} answers, but not from this server: {log.read_text()[-2000:]}"
         except AssertionError:
             self.stop()
             raise
