@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from cdp import Chromium
 from faults import HOOK
 from study.tracking.keys import to_mlflow
 from studyutil import (ROOT, TINY, best_child, check_study, cli, client, env, free_port, read_json, study_runs,
@@ -140,8 +141,6 @@ def test_replay_reproduces_the_best(study, tmp_path):
 
 
 def _chromium() -> str | None:
-    import shutil
-
     path = shutil.which("chromium")
     if path is None and os.environ.get("CI"):
         pytest.fail("chromium is missing: .ci/run installs it (apt-get install chromium)")
@@ -175,35 +174,34 @@ def test_ui_shows_the_study_in_a_browser(study, tmp_path):
         shown = next((r for r in c.search_runs([exp_id]) if r.data.tags.get("dip.completed") == "true"), child)
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars"]
-
-        def chromium(url: str, size: str, *args: str, budget: int = 20000) -> str:
-            return subprocess.run([browser, *flags, f"--virtual-time-budget={budget}", f"--window-size={size}",
-                                   *args, url], capture_output=True, text=True, timeout=180).stdout
-
-        runs_page = chromium(f"{base}/runs", "1400,900", "--dump-dom")
-        run_page = chromium(f"{base}/runs/{child.info.run_id}", "1400,900", "--dump-dom")
-        link_page = chromium(link, "1900,900", "--dump-dom")
-        # The trial's charts load lazily, as they scroll into view: a window tall enough for
-        # the mean curves and both images' sections, and up to three tries for the images
-        # (a virtual-time budget under ~2 min caught them unrendered 2 times in 3 under load).
+                 "--hide-scrollbars"]
+        objective = to_mlflow("psnr_ema")
+        want = sorted(r.data.metrics[objective] for r in c.search_runs([exp_id], "tags.`dip.role` = 'trial'")
+                      if objective in r.data.metrics)
+        # Each page is read once what a user comes for is on it (polled in the page, not a
+        # time budget): the table's numbers, the run's name, every image card's image loaded.
+        text_has = "document.body.innerText.includes({})".format
+        cells_ready = ("[...document.querySelectorAll({})].filter(e => /^-?[0-9]/.test(e.innerText.trim()))"
+                       ".length >= {}").format(json.dumps(f'[col-id="metrics.`{objective}`"]'), len(want))
+        images_ready = ("[...document.images].filter(i => i.src.includes('get-artifact?path=images%2F') && "
+                        "i.complete && i.naturalWidth > 0).length >= {}").format
+        # The trial's charts load lazily, as they scroll into view: a viewport tall enough
+        # for the mean curves and both images' sections.
         metrics_url = f"{base}/runs/{shown.info.run_id}/model-metrics?workflowType=machine_learning"
-        for _ in range(3):
-            metrics_page = chromium(metrics_url, "1400,5600", "--dump-dom", budget=120000)
-            if len(IMAGE_SRC.findall(metrics_page)) >= 4 * len(IMAGES):
-                break
         shots = Path(os.environ.get("DIP_SCREENSHOTS") or tmp_path).absolute()
         shots.mkdir(parents=True, exist_ok=True)
-        for name, url, size in (("ui_study_link.png", link, "1900,560"),
-                                ("ui_trial_images.png", metrics_url, "1400,2400")):
-            # A busy machine can catch the charts as spinners: two tries for the run page,
-            # the fullest picture (the largest PNG) kept.
-            tries = []
-            for k in range(2 if name == "ui_trial_images.png" else 1):
-                out = tmp_path / f"try{k}_{name}"
-                chromium(url, size, f"--screenshot={out}", budget=120000)
-                tries.append(out)
-            shutil.copyfile(max(tries, key=lambda f: f.stat().st_size), shots / name)
+        browser_ = Chromium(browser, tmp_path / "profile", flags)
+        try:
+            runs_page = browser_.visit(f"{base}/runs", 1400, 900,
+                                       f"{text_has(json.dumps('matching runs'))} && {text_has(json.dumps('study'))}")
+            run_page = browser_.visit(f"{base}/runs/{child.info.run_id}", 1400, 900,
+                                      f"{text_has(json.dumps(child.info.run_name))} && {text_has(json.dumps('psnr_ema'))}")
+            link_page = browser_.visit(link, 1900, 900, cells_ready)
+            metrics_page = browser_.visit(metrics_url, 1400, 5600, images_ready(4 * len(IMAGES)))
+            browser_.visit(link, 1900, 560, cells_ready, screenshot=shots / "ui_study_link.png")
+            browser_.visit(metrics_url, 1400, 2400, images_ready(4), screenshot=shots / "ui_trial_images.png")
+        finally:
+            browser_.close()
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
@@ -215,13 +213,10 @@ def test_ui_shows_the_study_in_a_browser(study, tmp_path):
     assert child.info.run_name in run_page and "psnr_ema" in run_page
     # The printed link: the study's saved view, the trial runs only (6, no parent), sorted
     # by the study's metric, in the model-training workflow.
-    objective = to_mlflow("psnr_ema")
     assert f"/#/experiments/{exp_id}/runs?viewStateShareKey=" in link and "workflowType=machine_learning" in link
     assert re.search(r">6<(?:[^>]*>){0,6}\s*matching runs", link_page), "the link should show the 6 trials"
     assert ">study<" not in link_page and f"Sort: {objective}" in link_page.replace("<!-- -->", "")
     # (1) the objective's column holds a number for every trial that reported one
-    want = sorted(r.data.metrics[objective] for r in c.search_runs([exp_id], "tags.`dip.role` = 'trial'")
-                  if objective in r.data.metrics)
     cells = re.findall(rf'col-id="metrics.`{re.escape(objective)}`"[^>]*>(?:<[^>]+>)*([^<]*)<', link_page)
     cells = [x.strip() for x in cells if x.strip() not in ("", "-")]  # its header; a trial without one
     assert len(cells) == len(want) >= 3, cells
