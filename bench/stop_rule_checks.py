@@ -31,11 +31,11 @@ KEYS = ("psnr_ema", "psnr_best", "best_iteration", "psnr_autostop", "autostop_it
         "autostop_fired", "psnr_estimate")
 
 
-def run(image: str, rule: str, iterations: int, fraction: float) -> dict:
-    cfg = TrialConfig(images=(image,), size=64, noise_mode="uniform", iterations=iterations,
+def run(image: str, rule: str, iterations: int, fraction: float, size: int = 64) -> dict:
+    cfg = TrialConfig(images=(image,), size=size, noise_mode="uniform", iterations=iterations,
                       report_every=100, device="cpu", stop_rule=rule, holdout_fraction=fraction)
     r = run_trial(cfg, lambda m, t: None)
-    return {"image": image, "rule": rule, "iterations": iterations, "fraction": fraction,
+    return {"image": image, "rule": rule, "iterations": iterations, "fraction": fraction, "size": size,
             **{k: r[k] for k in KEYS if k in r}}
 
 
@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--rules", nargs="+", default=["eswmv", "holdout"])
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--fraction", type=float, default=0.2)
+    p.add_argument("--size", type=int, default=64, help="the image side (the issue: 64)")
     p.add_argument("--out", default="bench/results/stop_rule_checks.jsonl")
     p.add_argument("--table", metavar="JSONL", help="print the checks of these results")
     a = p.parse_args()
@@ -66,7 +67,7 @@ def main() -> None:
         torch.set_num_threads(1)
         for image in a.images:
             for rule in a.rules:
-                row = run(image, rule, a.iterations, a.fraction)
+                row = run(image, rule, a.iterations, a.fraction, a.size)
                 with open(a.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
