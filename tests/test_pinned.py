@@ -1,22 +1,32 @@
 """The numbers of a seeded `train` are pinned: a refactor must not move them.
 
-How, on any x86-64 CPU (issue 24): the CPU kernels round by the ISA they are picked for,
-oneDNN's by `ONEDNN_MAX_CPU_ISA`, ATen's own vectorised ones by `ATEN_CPU_CAPABILITY`
-(measured on an AMD EPYC with AVX-512: the pin fails natively and with only ATen capped
-at AVX2, passes with oneDNN capped at AVX2, and fails again with ATen at its unvectorised
-DEFAULT, so ATen's level matters too and both are capped). So the pin runs
-`train` in its own process with both capped at AVX2, an ISA every x86-64 CPU of the last
-decade has (one without it skips: a cap lowers the ISA, never raises it), and one thread
-(`train`'s default): the same kernels, so the same numbers, on an AVX2 laptop and an
-AVX-512 server, at the pin's tolerance as before (rel 1e-6), not a loosened one. A golden file per ISA would only be checked on the
-ISAs the writer's machine has; a float64 path would pin code that trials never run.
+How, on any x86-64 CPU (issue 24, and again on an Intel Xeon with AVX-512 and AMX):
+the CPU kernels round by the ISA they are picked for, oneDNN's by `ONEDNN_MAX_CPU_ISA`,
+ATen's own vectorised ones by `ATEN_CPU_CAPABILITY` (measured on an AMD EPYC with AVX-512:
+the pin fails natively and with only ATen capped at AVX2, passes with oneDNN capped at
+AVX2, and fails again with ATen at its unvectorised DEFAULT). Capping the ISA was not
+enough: on an Intel Xeon (AVX-512, AMX) the pin written on the EPYC failed with both caps,
+because most of the CPU convolutions here are im2col + MKL SGEMM (MKL_VERBOSE=1 shows 756
+SGEMM calls against 52 oneDNN convolutions in the pinned run), and MKL dispatches by CPU
+vendor and model, not by the caps (MKL_ENABLE_INSTRUCTIONS=AVX2 moved the numbers, still
+off the pin). So the pin runs `train` in its own process on kernels that are the same
+instructions on every x86-64 CPU with AVX2: ATen capped at AVX2, MKL in its
+conditional-numerical-reproducibility branch COMPATIBLE (`MKL_CBWR`: SSE2 without the
+approximate rcpps/rsqrtps, the one branch MKL documents as the same on Intel and non-Intel
+CPUs), oneDNN switched off (torch.backends.mkldnn.enabled = False; its blocking follows
+the CPU's cache sizes) so its convolutions go to MKL too, numpy's OpenBLAS at its Haswell
+kernels, and one thread (`train`'s default). A CPU without AVX2 skips (a cap lowers the
+ISA, never raises it). The pin's tolerance is as before (rel 1e-6), not a loosened one. A
+golden file per CPU would only be checked on the CPUs the writer's machine has; a float64
+path would pin code that trials never run.
 What must hold at the machine's own (native) ISA is checked without pinning numbers:
 the same seed gives bit-identical results twice in one process, and a lone network is
 bit for bit its repeat in a pack. `make test` runs this file natively, then again with
 this process capped at AVX2 too (`make test-isa`).
 
 tests/golden/train_pin.json was rewritten by issue 24 (split convs on the CPU change the
-rounding of packs; models/packed.py `set_convs`) with `python tests/test_pinned.py
+rounding of packs; models/packed.py `set_convs`) and again when the pin's kernels became
+MKL COMPATIBLE without oneDNN (the code's numbers did not change, the pin's kernels did) with `python tests/test_pinned.py
 --write`; regenerate it only for a change that means to alter the numbers, and say so
 in the commit.
 """
@@ -38,7 +48,11 @@ ARGS = ["--image", "camera", "--image", "moon", "--size", "32", "--noise-mode", 
 NEW_KEYS = {"forwards"}  # keys added since the pin, not numbers it pinned
 SKIP = ("seconds", "config", "machine")  # timings, the echoed config and the machine are not numbers of the seed
 HERE = ["--device", "cpu"]  # the pin is of CPU kernels: on a machine with a GPU too
-PIN_ISA = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
+PIN_ISA = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1",
+           "MKL_CBWR": "COMPATIBLE", "OPENBLAS_CORETYPE": "Haswell"}
+# run_study.main in a process with oneDNN off (there is no environment variable for it)
+PIN_MAIN = ("import sys, torch; torch.backends.mkldnn.enabled = False; import run_study; "
+            "sys.exit(run_study.main(sys.argv[1:]))")
 
 
 def pinned(result: dict) -> dict:
@@ -54,9 +68,9 @@ def flat(d, prefix=""):
 
 
 def train_at_pin_isa(out: Path) -> dict:
-    """`train ARGS` in a fresh process with the kernels capped at AVX2 (the env vars are
-    read once, when torch loads, so they cannot be set in this one)."""
-    cmd = [sys.executable, "run_study.py", "train", *ARGS, *HERE, "--out", str(out)]
+    """`train ARGS` in a fresh process on the pin's kernels (the env vars are read once,
+    when torch and MKL load, so they cannot be set in this one)."""
+    cmd = [sys.executable, "-c", PIN_MAIN, "train", *ARGS, *HERE, "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **PIN_ISA}, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
