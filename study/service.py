@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -102,6 +103,7 @@ def run(s: StudyConfig) -> int:
     from study.cluster import runtime, tune as st
 
     space = preflight_study(s)
+    earlier = warmstart.gather(s, space) if s.warm_start else None  # reads, writes nothing
     runtime.connect(s.address)
     runtime.sigterm_as_sigint()  # after ray.init, whose own handler would end the driver at once
     try:
@@ -112,16 +114,35 @@ def run(s: StudyConfig) -> int:
         tracker = _tracker(s)
         note = f"DIP study {s.name}: {s.num_samples} trials, metric {s.metric}"
         warm = {warmstart.WARM_TAG: ",".join(s.warm_start)} if s.warm_start else {}
+        fresh = not s.study_dir.exists()
         parent = tracker.start_parent(s.to_dict(), space.spec, note, warm)
-        studydir.write_study(StudyRecord(
-            study=s, experiment_id=tracker.experiment_id, parent_run_id=parent, space=space.spec,
-            created=time.strftime("%Y-%m-%dT%H:%M:%S")))
-        if s.warm_start:  # before the searcher, which loads the record it makes
-            warmstart.seed(s, space)
-        tuner = st.build_tuner(s, space, study_context(s, tracker.experiment_id, parent, relay=False), gpus)
+        try:
+            studydir.write_study(StudyRecord(
+                study=s, experiment_id=tracker.experiment_id, parent_run_id=parent, space=space.spec,
+                created=time.strftime("%Y-%m-%dT%H:%M:%S")))
+            if earlier is not None:  # before the searcher, which loads the record it makes
+                warmstart.seed(s, space, earlier)
+            tuner = st.build_tuner(s, space, study_context(s, tracker.experiment_id, parent, relay=False), gpus)
+        except BaseException:
+            _unwrite(s, tracker, parent, fresh)
+            raise
         return _fit_and_finish(s, tracker, parent, tuner, list(space.spec))
     finally:
         st.shutdown()
+
+
+def _unwrite(s: StudyConfig, tracker: StudyTracker, parent: str, fresh: bool) -> None:
+    """A study that failed before its first trial leaves nothing: no study folder (or, where
+    the folder was there before, no record in it) and no parent run, so the same command can
+    be run again once the cause is fixed."""
+    from study.space import OPTUNA_DB
+
+    if fresh:
+        shutil.rmtree(s.study_dir, ignore_errors=True)
+    else:
+        for name in (studydir.STUDY_FILE, OPTUNA_DB):
+            (s.study_dir / name).unlink(missing_ok=True)
+    tracker.client.delete_run(parent)
 
 
 def resume(root: str, name: str, address: str = "") -> int:

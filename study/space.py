@@ -304,8 +304,13 @@ class EarlierTrial:
 def finished_trials(study_dir: str | Path, name: str) -> list[EarlierTrial]:
     """The study's own COMPLETE trials (not those it was warm-started with itself: name that
     study to start from them), with every objective's value; none without a record."""
-    study = load_optuna_study(study_dir, name)
-    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if study else []
+    try:
+        study = load_optuna_study(study_dir, name)
+        trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if study else []
+    except Exception as e:  # noqa: BLE001 - sqlalchemy's and sqlite's errors on a damaged file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"the Optuna record of study {name!r} ({str(Path(study_dir) / OPTUNA_DB)!r}) "
+                         f"cannot be read ({first}); restore it or leave that study out") from None
     return [EarlierTrial(name, t.number, dict(t.params), tuple(t.values)) for t in trials
             if WARM_START_ATTR not in t.user_attrs and t.values]
 

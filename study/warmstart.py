@@ -15,6 +15,7 @@ its searched params. A trial lacking one of them is left out.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from study import studydir
@@ -73,11 +74,20 @@ def _values_of(o: StudyConfig, s: StudyConfig) -> Callable[[EarlierTrial], list[
     return values
 
 
-def seed(s: StudyConfig, space: SearchSpace) -> int:
-    """Create the new study's Optuna record holding the earlier studies' trials that fit
-    `space` and have a finite value; prints one line with how many came from where and which
-    were left out. Returns the number added."""
-    from study.space import add_warm_trials, finished_trials, fits
+@dataclass(frozen=True)
+class Gathered:
+    """What `gather` read from the earlier studies: the trials to add with their values, how
+    many came from each study, and the ones left out."""
+    picked: list[tuple[EarlierTrial, list[float]]]
+    counts: dict[str, int]
+    left: list[str]
+
+
+def gather(s: StudyConfig, space: SearchSpace) -> Gathered:
+    """Reads the earlier studies' trials that fit `space` and have a finite value, writing
+    nothing: run before the new study writes anything, so that an earlier study whose record
+    cannot be read (or whose MLflow store is away) refuses the new one, not half-writes it."""
+    from study.space import finished_trials, fits
 
     picked, counts, left = [], {}, []
     for other in s.warm_start:
@@ -91,6 +101,17 @@ def seed(s: StudyConfig, space: SearchSpace) -> int:
                 continue
             picked.append((t, v))
             counts[other] += 1
+    return Gathered(picked, counts, left)
+
+
+def seed(s: StudyConfig, space: SearchSpace, got: Gathered | None = None) -> int:
+    """Create the new study's Optuna record holding the earlier studies' trials that fit
+    `space` and have a finite value (`gather`'s, read now if not given); prints one line
+    with how many came from where and which were left out. Returns the number added."""
+    from study.space import add_warm_trials
+
+    got = got or gather(s, space)
+    picked, counts, left = got.picked, got.counts, got.left
     n = add_warm_trials(s.study_dir, s.name, [d for _, d in s.objective_list], space, picked)
     wanted = " and ".join(m for m, _ in s.objective_list)
     rest = (f"; {len(left)} left out (outside this space, or no finite {wanted}): {', '.join(left)}"

@@ -169,6 +169,43 @@ def test_unknown_study_is_refused_and_nothing_written(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no study folder, no MLflow store
 
 
+def test_unreadable_record_is_refused_and_nothing_written(tmp_path, capsys):
+    _earlier(tmp_path, "a", 2, _space())
+    (tmp_path / "a" / OPTUNA_DB).write_bytes(b"not a database, a damaged copy")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = run_study.main(["run", "--name", "b", "--root", str(tmp_path), "--warm-start", "a",
+                           "--num-samples", "2", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "the Optuna record of study 'a'" in err and "cannot be read" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # read before anything is written
+
+
+def test_a_study_that_fails_before_its_first_trial_leaves_nothing(tmp_path):
+    """What run() undoes when the warm start or the tuner fails after the record is written
+    (a real sqlite MLflow store and study folder, the steps run() takes)."""
+    from study import service
+    from study.space import add_warm_trials
+
+    s = StudyConfig(name="b", root=str(tmp_path), trial=BASE)
+    tracker = service._tracker(s)
+    parent = tracker.start_parent(s.to_dict(), _space().spec, "note")
+    studydir.write_study(StudyRecord(study=s, experiment_id=tracker.experiment_id, parent_run_id=parent,
+                                     space=_space().spec, created="now"))
+    add_warm_trials(s.study_dir, "b", ["max"], _space(), [])
+    assert studydir.exists(s) and (s.study_dir / OPTUNA_DB).is_file()
+    service._unwrite(s, tracker, parent, fresh=True)
+    assert not s.study_dir.exists() and studydir.study_names(str(tmp_path)) == []
+    assert tracker.client.get_run(parent).info.lifecycle_stage == "deleted"
+    # A folder that was there before stays, without the record.
+    s.study_dir.mkdir()
+    (s.study_dir / "keep.txt").write_text("theirs")
+    studydir.write_study(StudyRecord(study=s, experiment_id=tracker.experiment_id, parent_run_id=parent,
+                                     space=_space().spec, created="now"))
+    service._unwrite(s, tracker, tracker.start_parent(s.to_dict(), _space().spec, "note"), fresh=False)
+    assert sorted(p.name for p in s.study_dir.iterdir()) == ["keep.txt"]
+
+
 @pytest.mark.slow
 def test_warm_started_study_and_its_extend(tmp_path):
     flags = ["--root", str(tmp_path), "--max-concurrent", "2", *TINY]
