@@ -49,10 +49,15 @@ def test_best_trial_is_written_as_json_that_train_reads(tmp_path):
 
 def test_replay_notice_compares_what_the_numbers_depend_on():
     from study.engine.machine import replay_notice
-    cpu = {"torch": "2.14.1", "device": "cpu", "cpu_isa": "AVX512", "cpu": "A", "gpu": "", "threads": "1"}
+    cpu = {"torch": "2.14.1", "device": "cpu", "cpu_isa": "AVX512", "cpu_vendor": "GenuineIntel", "cpu": "A",
+           "gpu": "", "threads": "1"}
     assert replay_notice(cpu, cpu) is None and replay_notice({}, cpu) is None  # an older export
     assert replay_notice({**cpu, "cpu": "B"}, cpu) is None  # the model name alone is not compared
     assert "cpu_isa AVX2 -> AVX512" in replay_notice({**cpu, "cpu_isa": "AVX2"}, cpu)
+    # MKL rounds apart on another vendor at the same ISA (tests/test_pinned.py)
+    assert "cpu_vendor AuthenticAMD -> GenuineIntel" in replay_notice({**cpu, "cpu_vendor": "AuthenticAMD"}, cpu)
+    old = {k: v for k, v in cpu.items() if k != "cpu_vendor"}  # an export from before the vendor was kept
+    assert replay_notice(old, cpu) is None
     gpu = {**cpu, "device": "cuda", "gpu": "NVIDIA H200"}
-    assert replay_notice({**gpu, "cpu_isa": "AVX2"}, gpu) is None  # a GPU's kernels, not the CPU's
+    assert replay_notice({**gpu, "cpu_isa": "AVX2", "cpu_vendor": "AuthenticAMD"}, gpu) is None  # a GPU's kernels
     assert "not measured across devices" in replay_notice(gpu, cpu)

@@ -3,7 +3,10 @@ kernels' instruction set (CPU) or the GPU, and the thread count (issue 24).
 
 A seeded trial replays bit for bit only where all of these agree: oneDNN and ATen pick
 their kernels by the CPU's ISA (`ONEDNN_MAX_CPU_ISA` and `ATEN_CPU_CAPABILITY` cap it),
-each rounds differently, and DIP training amplifies rounding. A trial records this
+each rounds differently, and DIP training amplifies rounding. MKL, which most CPU
+convolutions here go through (im2col + SGEMM), picks its kernels by the CPU's vendor and
+model whatever the caps say: an Intel and an AMD CPU round apart at the same ISA
+(tests/test_pinned.py), so the vendor is compared too. A trial records this
 (`record`, MLflow tags `dip.machine.*`), best.json carries it, and `train --config`
 compares it with the machine it runs on (`replay_notice`).
 """
@@ -24,7 +27,8 @@ LEVELS = ("DEFAULT", "AVX2", "AVX512")  # ATen's CPU capabilities on x86-64, low
 # seeds 0-2, AVX2 against AVX-512 kernels: |diff| 0.0002-0.077 dB, mean 0.036 in psnr_ema.
 EXPECTED = ("typically ~0.04 dB and up to ~0.08 dB in psnr_ema, psnr_autostop and psnr_best "
             "(measured across CPU ISAs at 64 px, 300 iterations; README: Reproducibility)")
-COMPARED = ("torch", "device", "cpu_isa", "gpu", "threads")
+COMPARED = ("torch", "device", "cpu_isa", "cpu_vendor", "gpu", "threads")
+CPU_ONLY = ("cpu_isa", "cpu_vendor")  # not compared between two GPU runs: the GPU's kernels
 TAG = "dip.machine."  # MLflow tag prefix of a trial's record: dip.machine.torch, ...
 
 
@@ -50,15 +54,25 @@ def cpu_isa() -> str:
     return f"{aten}, oneDNN {dnn}"
 
 
-def cpu_model() -> str:
-    """The CPU's model name (informational: two CPUs of one ISA may still round apart)."""
+def _cpuinfo(field: str) -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (informational: two CPUs of one ISA and vendor may still round
+    apart, not seen so far)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_vendor() -> str:
+    """GenuineIntel, AuthenticAMD, ... ('' where /proc/cpuinfo does not say): MKL dispatches by it."""
+    return _cpuinfo("vendor_id")
 
 
 def record(device: torch.device) -> dict[str, str]:
@@ -67,7 +81,7 @@ def record(device: torch.device) -> dict[str, str]:
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return {"torch": torch.__version__, "device": device.type, "cpu_isa": cpu_isa(),
-            "cpu": cpu_model(), "gpu": gpu, "threads": str(torch.get_num_threads())}
+            "cpu_vendor": cpu_vendor(), "cpu": cpu_model(), "gpu": gpu, "threads": str(torch.get_num_threads())}
 
 
 def machine_record(device: torch.device) -> str:
@@ -81,7 +95,7 @@ def replay_notice(then: dict[str, str], now: dict[str, str]) -> str | None:
     """One line when a replay runs on another machine than the trial did; None when every
     compared field agrees, or the export predates the record (nothing to compare)."""
     on_gpus = then.get("device") == now.get("device") == "cuda"  # the GPU's kernels, not the CPU's
-    keys = [k for k in COMPARED if not (on_gpus and k == "cpu_isa")]
+    keys = [k for k in COMPARED if not (on_gpus and k in CPU_ONLY)]
     diff = [f"{k} {then[k] or '-'} -> {now.get(k) or '-'}" for k in keys
             if k in then and str(then[k]) != str(now.get(k, ""))]
     if not diff:
