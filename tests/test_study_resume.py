@@ -3,9 +3,11 @@ continue their own MLflow runs from their last checkpoint, and the trial count h
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,11 +89,27 @@ def test_resume_unknown_study_is_refused(tmp_path):
     assert r.returncode == 2 and "no study 'nope'" in r.stderr and "Traceback" not in r.stderr
 
 
+def _rotate_away(storage: Path) -> int:
+    """What num_to_keep does while the driver's saved state lags, made certain: each trial's
+    newest checkpoint moves to the next number and the older ones go, so whichever one Tune's
+    state names is gone and a later one (the same state) is there. Returns the trials moved."""
+    moved = 0
+    for trial in {p.parent for p in storage.glob("*/*/checkpoint_*")}:
+        ckpts = sorted(trial.glob("checkpoint_*"))
+        n = int(ckpts[-1].name.rsplit("_", 1)[1])
+        ckpts[-1].rename(trial / f"checkpoint_{n + 1:06d}")
+        for old in ckpts[:-1]:
+            shutil.rmtree(old)
+        moved += 1
+    return moved
+
+
 def test_killed_driver_then_resume(tmp_path):
     """SIGKILL the driver and its local Ray (a crashed session) while the second trial runs,
     with no grace: Tune's saved state may lag the trials (a trial it calls running already
     finished in optuna.db, a checkpoint it names rotated away). `resume` continues the runs
-    it left RUNNING, and every run ends."""
+    it left RUNNING, and every run ends, also where the checkpoint Tune names is gone
+    (study/cluster/restore.py; `_rotate_away` makes sure it is)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     faults = tmp_path / "faults"
     faults.mkdir()
@@ -104,6 +122,7 @@ def test_killed_driver_then_resume(tmp_path):
     proc.communicate(timeout=60)
     # The crashed session's processes (its local Ray) carry DIP_FAULT_DIR: gone before `resume`.
     wait_until(lambda: not marked_pids("DIP_FAULT_DIR", str(faults)), "the killed session's end", 60)
+    assert _rotate_away(tmp_path / "rk" / "ray") > 0
     r = cli("resume", "rk", "--root", str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     parent, children = check_study(uri, "rk", n=3, iterations=80)

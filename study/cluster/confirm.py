@@ -12,6 +12,7 @@ from ray.tune.experiment import Trial as TuneTrial
 
 from study.cluster.context import StudyContext
 from study.cluster.entry import dip_trainable
+from study.cluster.restore import resumable
 from study.cluster.tune import EndRunsCallback, StopOnError, fit_trials, result_loggers
 from study.config import StudyConfig
 from study.paths import JsonObject
@@ -36,10 +37,10 @@ class ConfirmName:
 
 
 def _trainable(s: StudyConfig, contexts: tuple[StudyContext, ...], params: tuple[JsonObject, ...],
-               gpus: float) -> Callable[..., None]:
+               gpus: float) -> type:
     resources = {"cpu": s.cpus_per_trial, "gpu": gpus}
-    return tune.with_resources(tune.with_parameters(confirm_trainable, contexts=contexts,
-                                                    params=params), resources)
+    return resumable(tune.with_resources(tune.with_parameters(confirm_trainable, contexts=contexts,
+                                                              params=params), resources))
 
 
 def experiment_path(s: StudyConfig, name: str) -> str:

@@ -19,6 +19,7 @@ from ray import tune
 from study.cluster.context import ERROR_KEY, StudyContext
 from study.cluster.placement import FALLBACK_KEY, placement_tags
 from study.cluster.relay import RelaySender
+from study.cluster.restore import newest_checkpoint
 from study.config import TrialConfig
 from study.modes import trial_run_name
 from study.engine import images as img
@@ -35,28 +36,11 @@ def _load_state() -> State | None:
     ckpt = tune.get_checkpoint()
     if ckpt is None:
         return None
-    ckpt = _newest_checkpoint(ckpt)
+    ckpt = newest_checkpoint(ckpt)  # restore.py's restore took it already; kept for a direct call
     with ckpt.as_directory() as d:
         # weights_only: a checkpoint is tensors, numbers and strings; whoever can write the
         # storage must not be able to run code on the workers by unpickling.
         return torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=True)
-
-
-def _newest_checkpoint(ckpt: tune.Checkpoint) -> tune.Checkpoint:
-    """After a killed driver, Tune's saved experiment state lags the trials: the checkpoint
-    it names may have been rotated away (num_to_keep) for newer ones. Then take the newest
-    checkpoint of the trial still in the storage: it is later, never earlier."""
-    import pyarrow.fs as pafs
-
-    fs = ckpt.filesystem
-    if fs.get_file_info(ckpt.path).type != pafs.FileType.NotFound:
-        return ckpt
-    parent = ckpt.path.rstrip("/").rsplit("/", 1)[0]
-    found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(parent))
-                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    if not found:
-        raise FileNotFoundError(f"no checkpoint left under {parent}")
-    return tune.Checkpoint(found[-1], filesystem=fs)
 
 
 def _log_images(log: TrialLogger, trial: Trial, step: int, final: bool) -> None:

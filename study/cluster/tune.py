@@ -18,6 +18,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study.cluster.placement import FALLBACK_KEY
 from study.cluster.relay import send
+from study.cluster.restore import resumable
 from study.cluster.context import ERROR_KEY, StudyContext
 from study.cluster.entry import dip_trainable
 from study.config import StudyConfig
@@ -150,9 +151,9 @@ def _scheduler(s: StudyConfig) -> TrialScheduler:
                          reduction_factor=s.reduction_factor)
 
 
-def _trainable(s: StudyConfig, ctx: StudyContext, gpus: float) -> Callable[..., None]:
+def _trainable(s: StudyConfig, ctx: StudyContext, gpus: float) -> type:
     resources = {"cpu": s.cpus_per_trial, "gpu": gpus}
-    return tune.with_resources(tune.with_parameters(dip_trainable, ctx=ctx), resources)
+    return resumable(tune.with_resources(tune.with_parameters(dip_trainable, ctx=ctx), resources))
 
 
 class ResumableOptunaSearch(OptunaSearch):
