@@ -109,12 +109,12 @@ def run(s: StudyConfig) -> int:
     try:
         gpus = st.gpus_per_trial(s)  # refuse an impossible request before writing anything
         check_storage(s, st.alive_nodes())
+        fresh = not s.study_dir.exists()  # before the relay, which makes the folder's spool/
         Path(s.root).mkdir(parents=True, exist_ok=True)
         start_relay(s)  # now: its worker starts while the tracker below opens the store
         tracker = _tracker(s)
         note = f"DIP study {s.name}: {s.num_samples} trials, metric {s.metric}"
         warm = {warmstart.WARM_TAG: ",".join(s.warm_start)} if s.warm_start else {}
-        fresh = not s.study_dir.exists()
         parent = tracker.start_parent(s.to_dict(), space.spec, note, warm)
         try:
             studydir.write_study(StudyRecord(

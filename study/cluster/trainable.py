@@ -19,7 +19,6 @@ from ray import tune
 from study.cluster.context import ERROR_KEY, StudyContext
 from study.cluster.placement import FALLBACK_KEY, placement_tags
 from study.cluster.relay import RelaySender
-from study.cluster.restore import newest_checkpoint
 from study.config import TrialConfig
 from study.modes import trial_run_name
 from study.engine import images as img
@@ -33,10 +32,9 @@ CKPT_FILE = "trial.pt"
 # --- the trainable ---
 
 def _load_state() -> State | None:
-    ckpt = tune.get_checkpoint()
+    ckpt = tune.get_checkpoint()  # the newest left, where Tune named a rotated one (restore.py)
     if ckpt is None:
         return None
-    ckpt = newest_checkpoint(ckpt)  # restore.py's restore took it already; kept for a direct call
     with ckpt.as_directory() as d:
         # weights_only: a checkpoint is tensors, numbers and strings; whoever can write the
         # storage must not be able to run code on the workers by unpickling.

@@ -12,6 +12,7 @@ compares it with the machine it runs on (`replay_notice`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -54,14 +55,17 @@ def cpu_isa() -> str:
     return f"{aten}, oneDNN {dnn}"
 
 
-def _cpuinfo(field: str) -> str:
+@functools.lru_cache(maxsize=1)
+def _cpuinfo_lines() -> tuple[str, ...]:
+    """/proc/cpuinfo, read once per process (every trial records its machine)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(field):
-                return line.split(":", 1)[1].strip()
+        return tuple(Path("/proc/cpuinfo").read_text().splitlines())
     except OSError:
-        pass
-    return ""
+        return ()
+
+
+def _cpuinfo(field: str) -> str:
+    return next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith(field)), "")
 
 
 def cpu_model() -> str:
