@@ -123,6 +123,65 @@ def test_the_estimate_recovers_the_true_psnr_of_an_output():
     assert abs(est - true) < 0.3, (est, true)
 
 
+def _smoother_output(clean, y, held, lam, gen):
+    """An output shaped as a linear smoother's: a prediction g of independent error, taken
+    as is on the held-out pixels and pulled by `lam` towards the observation on the kept
+    ones (f = (1 - lam) g + lam y: the share lam of each kept pixel's noise is absorbed)."""
+    g = clean + 0.08 * torch.randn(clean.shape, generator=gen)
+    return torch.where(held > 0, g, (1 - lam) * g + lam * y)
+
+
+def _held_only(out, y, held, sigma):
+    """The estimate from the held-out error alone, less sigma^2 (what the rule had first)."""
+    e = float((out - y).square().mul(held).sum() / held.sum())
+    return 10 * math.log10(1 / (e - sigma**2))
+
+
+def test_the_estimate_counts_the_noise_the_kept_pixels_absorbed():
+    """The network fits the kept pixels and only predicts the held-out ones: the held-out
+    error alone reads the whole output's PSNR low (here by over 1 dB); with the kept
+    pixels' share of absorbed noise, from the two residuals, it lands within 0.3 dB."""
+    gen = torch.Generator().manual_seed(0)
+    sigma = 25 / 255
+    # in [0.2, 0.8]: no value near 0 or 1, so no clipping (that correction has its own test)
+    clean = 0.2 + 0.6 * img.load_image("camera", 128, "gray")
+    y = (clean + sigma * torch.randn(clean.shape, generator=gen)).clamp(0, 1)
+    held = 1 - keep_mask((128, 128), 0.1, 2)
+    out = _smoother_output(clean, y, held, 0.25, gen)
+    rule = HoldOutStop(10, y, held, sigma)
+    rule.track(out, out, torch.tensor(1))
+    est = rule.estimates(out)[0]["psnr_estimate"]
+    true = float(10 * torch.log10(1 / (out - clean).square().mean()))
+    assert abs(est - true) < 0.3, (est, true)
+    assert _held_only(out, y, held, sigma) < true - 1
+
+
+def test_the_control_variate_narrows_the_estimate_over_masks():
+    """Over 24 draws of the held-out pixels of one observation (a smoother's output for
+    each), the estimate varies less with the control variate than with it switched off
+    (its shift rho_J - rho_all set to 0): what it takes out is the draw's chance, mostly
+    the noise power the held-out pixels happen to hold. The mean stays within 0.3 dB."""
+    sigma = 25 / 255
+    clean = 0.35 + 0.3 * img.load_image("camera", 64, "gray")
+    y = (clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    spread = {}
+    for cv in (True, False):
+        errors = []
+        for seed in range(24):
+            held = 1 - keep_mask((64, 64), 0.1, 100 + seed)
+            out = _smoother_output(clean, y, held, 0.25, torch.Generator().manual_seed(5))
+            rule = HoldOutStop(10, y, held, sigma)
+            if not cv:
+                rule.rho_shift.zero_()
+            rule.track(out, out, torch.tensor(1))
+            true = float(10 * torch.log10(1 / (out - clean).square().mean()))
+            errors.append(rule.estimates(out)[0]["psnr_estimate"] - true)
+        spread[cv] = float(np.std(errors))
+        if cv:
+            assert abs(np.mean(errors)) < 0.3, np.mean(errors)
+    assert spread[True] < 0.9 * spread[False], spread
+
+
 def test_holdout_trial_reports_the_estimate_and_resumes_from_a_checkpoint():
     cfg = tiny(iterations=12, report_every=4, patience=3)
     straight, state = run_keeping_checkpoint(cfg, at=8)

@@ -197,7 +197,7 @@ class Pack:
         # The error is taken on held-out pixels of the image (in `apply` not the padding).
         known = 1.0 if self.data.mask is None else self.data.mask[:, :1]
         return HoldOutStop(cfg.patience, self.data.observation, (1 - self.keep) * known,
-                           self.sigma)
+                           self.sigma, self.keep * known)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """K inputs (K, C, H, W) -> K outputs (K, C_out, H, W), float32."""
