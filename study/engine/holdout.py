@@ -124,7 +124,8 @@ class HoldOutStop:
         self.count = held.flatten(1).sum(1).clamp_min(1) * c  # values in the error, (K,)
         self.kept_count = self.kept.flatten(1).sum(1).clamp_min(1) * c
         # The control variate of `estimates`: fixed, as the observation is.
-        rho = neighbour_residual(observation).double()
+        # one network at a time: a network's numbers must not depend on its pack's size
+        rho = torch.cat([neighbour_residual(o[None].double()) for o in observation])
         known = held + self.kept
         self.rho_shift = (_mean(rho, held, self.count)
                           - _mean(rho, known, self.count + self.kept_count))  # rho_J - rho_all
