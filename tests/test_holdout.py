@@ -118,9 +118,11 @@ def test_the_estimate_recovers_the_true_psnr_of_an_output():
     held = 1 - keep_mask((256, 256), 0.2, 1)
     rule = HoldOutStop(10, y, held, sigma)
     rule.track(out, out, torch.tensor(1))
-    est = rule.estimates(out)[0]["psnr_estimate"]
+    got = rule.estimates(out)[0]
+    est = got["psnr_estimate"]
     true = float(10 * torch.log10(1 / (out - clean).square().mean()))
     assert abs(est - true) < 0.3, (est, true)
+    assert got["estimate_at_ceiling"] == 0.0  # resolved, not a bound
 
 
 def _smoother_output(clean, y, held, lam, gen):
@@ -236,6 +238,7 @@ def test_apply_stops_on_held_out_pixels_and_estimates_the_psnr(tmp_path):
     info = apply(cfg, str(_noisy_png(tmp_path)), tmp_path / "out.png", opts, progress=lines.append)
     assert info["stop"] == "holdout" and info["fired_at"] == info["stop_iteration"] + 20
     assert 10 < info["psnr_estimate"] < 60 and info["holdout_mse"] > 0
+    assert info["estimate_at_ceiling"] in (True, False)  # whether the estimate is a lower bound
     assert any("held-out mse" in s for s in lines) and "stopped by held-out pixels" in lines[-1]
 
 
@@ -259,11 +262,13 @@ def test_the_report_puts_the_estimate_beside_the_truth_and_the_oracle_per_image(
     facts = [ImageFacts(lb, lb, b, 20.0, None, None, torch.zeros(1), torch.zeros(1), None)
              for lb, b in (("camera", 0.5), ("hubble", 0.08))]
     rows = [row("a", **{"psnr_estimate/camera": 27.0, "psnr_autostop/camera": 26.0, "psnr_best/camera": 27.5,
-                        "psnr_estimate/hubble": 30.0, "psnr_autostop/hubble": 31.5, "psnr_best/hubble": 32.0}),
-            row("b", **{"psnr_estimate/camera": 25.0, "psnr_autostop/camera": 25.5, "psnr_best/camera": 26.0})]
+                        "psnr_estimate/hubble": 30.0, "psnr_autostop/hubble": 31.5, "psnr_best/hubble": 32.0,
+                        "estimate_at_ceiling/camera": 0.0, "estimate_at_ceiling/hubble": 1.0}),
+            row("b", **{"psnr_estimate/camera": 25.0, "psnr_autostop/camera": 25.5, "psnr_best/camera": 26.0,
+                        "estimate_at_ceiling/camera": 1.0})]
     lines = estimate_section(rows, facts).splitlines()
-    assert lines[2].startswith("| hubble | 0.08 | 1 | 30.00 | 31.50 | 32.00 | -1.50 (-1.50 .. -1.50) |")
-    assert lines[3].startswith("| camera | 0.50 | 2 | 26.00 | 25.75 | 26.75 | +0.25 (-0.50 .. +1.00) |")
+    assert lines[2] == "| hubble | 0.08 | 1 | 30.00 | 31.50 | 32.00 | -1.50 (-1.50 .. -1.50) | 1 of 1 |"
+    assert lines[3] == "| camera | 0.50 | 2 | 26.00 | 25.75 | 26.75 | +0.25 (-0.50 .. +1.00) | 1 of 2 |"
     assert estimate_section([row("c", psnr_autostop=20.0)], facts[:1]) == ""
 
 
@@ -277,7 +282,9 @@ def test_the_estimate_claims_no_mse_below_its_own_sampling_error():
     rule.track(y, y, torch.tensor(1))
     m = float(held.sum())
     want = 10 * math.log10(1 / (sigma**2 * math.sqrt(2 / m)))
-    assert rule.estimates(y)[0]["psnr_estimate"] == pytest.approx(want, abs=0.01)
+    got = rule.estimates(y)[0]
+    assert got["psnr_estimate"] == pytest.approx(want, abs=0.01)
+    assert got["estimate_at_ceiling"] == 1.0  # a lower bound, and it says so
 
 
 # --- the default rule (chosen by measurement: docs/science.md) and older records ---

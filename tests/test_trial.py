@@ -15,8 +15,8 @@ from trialutil import run_keeping_checkpoint
 REPORT_KEYS = {"loss", "psnr", "ssim", "psnr_ema", "ssim_ema", "psnr_best", "best_iteration",
                "iteration", "seconds", "seconds_per_iteration",
                "psnr_autostop", "ssim_autostop", "autostop_iteration", "autostop_fired", "forwards",
-               "holdout_mse", "psnr_estimate"}  # the default stop rule (denoise) is held-out pixels
-HOLDOUT_KEYS = {"holdout_mse", "psnr_estimate"}
+               "holdout_mse", "psnr_estimate", "estimate_at_ceiling"}  # the default stop rule (denoise) is held-out pixels
+HOLDOUT_KEYS = {"holdout_mse", "psnr_estimate", "estimate_at_ceiling"}
 TIMING_KEYS = {"seconds", "seconds_per_iteration"}
 
 

@@ -247,7 +247,9 @@ def fit(cfg: TrialConfig, prob: Problem, opts: ApplyOptions, device: torch.devic
         stopped = {"stop": rule, "stop_iteration": int(a.iteration[0]),
                    "wmv" if rule == "es-wmv" else "holdout_mse": float(a.var[0]), "fired_at": int(a.fired_at[0])}
         if rule == "holdout":  # the estimate needs no clean image: a user's too
-            stopped["psnr_estimate"] = trial.evaluate()["psnr_estimate"]
+            at_stop = trial.evaluate()
+            stopped["psnr_estimate"] = at_stop["psnr_estimate"]
+            stopped["estimate_at_ceiling"] = at_stop["estimate_at_ceiling"] > 0  # then a lower bound
         restored = trial.autostop_output(0)
     else:
         why = f"{rule} found no minimum within --max-iterations" if auto else "config"

@@ -164,7 +164,9 @@ class HoldOutStop:
         held-out error (less the draw's chance, by the control variate) and the kept
         pixels' SURE (the module docstring), each less the (clipped) noise power, weighted
         by their pixel counts; an MSE below the held-out noise power's sampling error is not
-        claimed. How far it is off, measured: docs/science.md."""
+        claimed: there `psnr_estimate` is that ceiling, a lower bound, and
+        `estimate_at_ceiling` is 1 (0 where the estimate is resolved). How far it is off,
+        measured: docs/science.md."""
         pick = self.output(ema)
         r2 = (pick.detach().double() - self.observation).square()
         e_j = _mean(r2, self.held, self.count)
@@ -187,8 +189,9 @@ class HoldOutStop:
         # (delta method, after the control variate) claimed 36.7 dB on clock (64 px, true 32.8).
         floor = p_j * (2 / self.count).sqrt()
         est = psnr_from_mse(torch.maximum(mse, floor))
-        return [{"holdout_mse": e, "psnr_estimate": p}
-                for e, p in zip(e_j.tolist(), est.tolist(), strict=True)]
+        capped = (mse <= floor).double()
+        return [{"holdout_mse": e, "psnr_estimate": p, "estimate_at_ceiling": c}
+                for e, p, c in zip(e_j.tolist(), est.tolist(), capped.tolist(), strict=True)]
 
     def state_dict(self, k: int) -> dict[str, object]:
         """Network k's part of the state (its held-out pixels too: a resume checks them)."""

@@ -130,13 +130,16 @@ def three_section(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
 
 
 ESTIMATE = "psnr_estimate"  # stop_rule holdout: the PSNR at the stop estimated from held-out pixels
+CEILING = "estimate_at_ceiling"  # 1 where that estimate is its ceiling (not resolved), so a lower bound
 
 
 def estimate_section(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
     """Per image (darkest first), the median over completed trials of the held-out estimate,
     of the true PSNR of the output it estimates (`psnr_autostop`) and of the oracle, and of
-    each trial's difference estimate - true: how far a user can trust the estimate. Empty
-    where no trial reported an estimate (stop_rule eswmv)."""
+    each trial's difference estimate - true: how far a user can trust the estimate, and in
+    how many trials the estimate sat at its ceiling (the MSE it would claim is below its
+    sampling error: then it is a lower bound). Empty where no trial reported an estimate
+    (stop_rule eswmv)."""
     done = [r for r in rows if r.state == "completed" and any(k.startswith(ESTIMATE) for k in r.metrics)]
     if not done:
         return ""
@@ -150,11 +153,14 @@ def estimate_section(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
             continue
         med = [statistics.median(x) for x in zip(*trio)]
         diff = [e - a for e, a, _ in trio]
+        flags = [c for r in done if (c := r.value(image_key(CEILING, f.label, labels))) is not None]
         body.append([f.label, fmt(f.brightness), str(len(trio)), *map(fmt, med),
-                     f"{statistics.median(diff):+.2f} ({min(diff):+.2f} .. {max(diff):+.2f})"])
+                     f"{statistics.median(diff):+.2f} ({min(diff):+.2f} .. {max(diff):+.2f})",
+                     f"{sum(c >= 0.5 for c in flags)} of {len(flags)}" if flags else "-"])
     return table(["image", "mean brightness", "trials", f"estimate (median `{ESTIMATE}`)",
                   f"true at the stop (`{AUTOSTOP}`)", f"oracle (`{ORACLE}`)",
-                  "estimate - true: median (min .. max)"], body)
+                  "estimate - true: median (min .. max)",
+                  f"at its ceiling, a lower bound (`{CEILING}`)"], body)
 
 
 def image_key(metric: str, label: str, labels: list[str]) -> str:
