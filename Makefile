@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser run test test-fast test-isa bench clean
+.PHONY: install browser qemu run test test-fast test-isa bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	python3 -m venv $(VENV)
@@ -21,6 +21,13 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium is not installed and cannot be here: the browser test will be skipped"
 
+# QEMU's user-mode emulator: tests/test_pinned.py runs the pinned train on an emulated
+# Haswell, so that its numbers are the same on every x86-64 host (Debian's package; root).
+qemu:
+	@command -v qemu-x86_64 >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null; } || \
+	  echo "qemu-x86_64 is not installed and cannot be here: the pinned-numbers test will be skipped"
+
 run: $(STAMP)
 	$(PY) run_study.py
 
@@ -28,20 +35,21 @@ run: $(STAMP)
 # server away, a trial paused), so two share 2 cores well; tests/conftest.py keeps each
 # module on one worker and the multi-node clusters on one. `pytest -n 0` runs it serially.
 # lint-imports first: the architecture's contracts (.importlinter), in under a second.
-test: $(STAMP) browser
+test: $(STAMP) browser qemu
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest -ra -n 2
 	$(MAKE) --no-print-directory test-isa
 
-# The pinned numbers again with the CPU kernels capped at each ISA level below this
-# machine's own (the run above is the native one): oneDNN and ATen pick kernels by ISA,
-# and what tests/test_pinned.py checks must hold under every one (issue 24). ~30 s.
+# The native checks of tests/test_pinned.py again with the CPU kernels capped at each ISA
+# level below this machine's own (the run above is the native one): oneDNN and ATen pick
+# kernels by ISA, and a seed's bit-for-bit repeat must hold under every one (issue 24).
+# The pin itself runs on an emulated CPU, the same whatever the caps: not rerun. ~10 s.
 ISA_LEVELS ?= AVX2
 test-isa: $(STAMP)
 	@for isa in $(ISA_LEVELS); do \
 	  echo "tests/test_pinned.py with ONEDNN_MAX_CPU_ISA=$$isa ATEN_CPU_CAPABILITY=$$(echo $$isa | tr A-Z a-z)"; \
 	  ONEDNN_MAX_CPU_ISA=$$isa ATEN_CPU_CAPABILITY=$$(echo $$isa | tr A-Z a-z) \
-	    $(PY) -m pytest -ra -q -n 0 tests/test_pinned.py || exit 1; \
+	    $(PY) -m pytest -ra -q -n 0 tests/test_pinned.py -k "not matches_its_pin" || exit 1; \
 	done
 
 test-fast: $(STAMP)
