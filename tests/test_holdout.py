@@ -238,7 +238,7 @@ def test_apply_stops_on_held_out_pixels_and_estimates_the_psnr(tmp_path):
     info = apply(cfg, str(_noisy_png(tmp_path)), tmp_path / "out.png", opts, progress=lines.append)
     assert info["stop"] == "holdout" and info["fired_at"] == info["stop_iteration"] + 20
     assert 10 < info["psnr_estimate"] < 60 and info["holdout_mse"] > 0
-    assert info["estimate_at_ceiling"] in (True, False)  # whether the estimate is a lower bound
+    assert info["estimate_at_ceiling"] in (True, False)  # whether the estimate is not resolved
     assert any("held-out mse" in s for s in lines) and "stopped by held-out pixels" in lines[-1]
 
 
@@ -284,7 +284,7 @@ def test_the_estimate_claims_no_mse_below_its_own_sampling_error():
     want = 10 * math.log10(1 / (sigma**2 * math.sqrt(2 / m)))
     got = rule.estimates(y)[0]
     assert got["psnr_estimate"] == pytest.approx(want, abs=0.01)
-    assert got["estimate_at_ceiling"] == 1.0  # a lower bound, and it says so
+    assert got["estimate_at_ceiling"] == 1.0  # not resolved, and it says so
 
 
 # --- the default rule (chosen by measurement: docs/science.md) and older records ---

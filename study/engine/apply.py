@@ -249,7 +249,7 @@ def fit(cfg: TrialConfig, prob: Problem, opts: ApplyOptions, device: torch.devic
         if rule == "holdout":  # the estimate needs no clean image: a user's too
             at_stop = trial.evaluate()
             stopped["psnr_estimate"] = at_stop["psnr_estimate"]
-            stopped["estimate_at_ceiling"] = at_stop["estimate_at_ceiling"] > 0  # then a lower bound
+            stopped["estimate_at_ceiling"] = at_stop["estimate_at_ceiling"] > 0  # then not resolved
         restored = trial.autostop_output(0)
     else:
         why = f"{rule} found no minimum within --max-iterations" if auto else "config"

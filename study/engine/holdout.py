@@ -164,8 +164,9 @@ class HoldOutStop:
         held-out error (less the draw's chance, by the control variate) and the kept
         pixels' SURE (the module docstring), each less the (clipped) noise power, weighted
         by their pixel counts; an MSE below the held-out noise power's sampling error is not
-        claimed: there `psnr_estimate` is that ceiling, a lower bound, and
-        `estimate_at_ceiling` is 1 (0 where the estimate is resolved). How far it is off,
+        claimed: there `psnr_estimate` is that ceiling, not resolved (a lower bound
+        where the noise model holds, clock; above the truth where the clipping plug-in
+        reads low, sigma 50 colour on the grid), and `estimate_at_ceiling` is 1 (0 where the estimate is resolved). How far it is off,
         measured: docs/science.md."""
         pick = self.output(ema)
         r2 = (pick.detach().double() - self.observation).square()

@@ -19,7 +19,7 @@ def progress_line(m: dict[str, float], total: int) -> str:
         f"ema {m['psnr_ema']:6.2f}  ssim_ema {m['ssim_ema']:.3f}  "
         f"autostop {m['psnr_autostop']:6.2f}@{int(m['autostop_iteration'])}"
         f"{'' if m['autostop_fired'] >= 1 else '?'}  "
-        + (f"estimate {'>=' if m.get('estimate_at_ceiling', 0) > 0 else ''}{m['psnr_estimate']:.2f}  "
+        + (f"estimate {'~' if m.get('estimate_at_ceiling', 0) > 0 else ''}{m['psnr_estimate']:.2f}  "
            if "psnr_estimate" in m else "")
         + f"best(oracle) {m['psnr_best']:6.2f}@{int(m['best_iteration'])}  "
         f"{m['seconds_per_iteration']:.3f} s/it"

@@ -130,7 +130,7 @@ def three_section(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
 
 
 ESTIMATE = "psnr_estimate"  # stop_rule holdout: the PSNR at the stop estimated from held-out pixels
-CEILING = "estimate_at_ceiling"  # 1 where that estimate is its ceiling (not resolved), so a lower bound
+CEILING = "estimate_at_ceiling"  # 1 where that estimate is its ceiling (not resolved)
 
 
 def estimate_section(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
@@ -138,7 +138,7 @@ def estimate_section(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
     of the true PSNR of the output it estimates (`psnr_autostop`) and of the oracle, and of
     each trial's difference estimate - true: how far a user can trust the estimate, and in
     how many trials the estimate sat at its ceiling (the MSE it would claim is below its
-    sampling error: then it is a lower bound). Empty where no trial reported an estimate
+    sampling error: then it is not resolved). Empty where no trial reported an estimate
     (stop_rule eswmv)."""
     done = [r for r in rows if r.state == "completed" and any(k.startswith(ESTIMATE) for k in r.metrics)]
     if not done:
@@ -160,7 +160,7 @@ def estimate_section(rows: list[TrialRow], facts: list[ImageFacts]) -> str:
     return table(["image", "mean brightness", "trials", f"estimate (median `{ESTIMATE}`)",
                   f"true at the stop (`{AUTOSTOP}`)", f"oracle (`{ORACLE}`)",
                   "estimate - true: median (min .. max)",
-                  f"at its ceiling, a lower bound (`{CEILING}`)"], body)
+                  f"at its ceiling, not resolved (`{CEILING}`)"], body)
 
 
 def image_key(metric: str, label: str, labels: list[str]) -> str:
