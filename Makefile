@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser qemu run test test-fast test-isa bench clean
+.PHONY: install tools run test test-fast test-isa bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	python3 -m venv $(VENV)
@@ -15,18 +15,16 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 
 install: $(STAMP)
 
-# Headless Chromium for the MLflow UI test (Debian's package; needs root to install).
-browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-	  echo "chromium is not installed and cannot be here: the browser test will be skipped"
-
-# QEMU's user-mode emulator: tests/test_pinned.py runs the pinned train on an emulated
-# Haswell, so that its numbers are the same on every x86-64 host (Debian's package; root).
-qemu:
-	@command -v qemu-x86_64 >/dev/null || { [ "$$(id -u)" = 0 ] && \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null; } || \
-	  echo "qemu-x86_64 is not installed and cannot be here: the pinned-numbers test will be skipped"
+# Debian packages the tests need, as command:package: headless Chromium for the MLflow UI
+# test, QEMU's user-mode emulator for tests/test_pinned.py (the pinned train runs on an
+# emulated Haswell, so that its numbers are the same on every x86-64 host). The missing ones
+# are installed in one apt-get (needs root); without them their tests are skipped, saying why.
+TOOLS := chromium:chromium qemu-x86_64:qemu-user
+tools:
+	@missing=$$(for t in $(TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done); \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } || \
+	  echo "not installed and cannot be here: $$missing (their tests will be skipped)"
 
 run: $(STAMP)
 	$(PY) run_study.py
@@ -35,7 +33,7 @@ run: $(STAMP)
 # server away, a trial paused), so two share 2 cores well; tests/conftest.py keeps each
 # module on one worker and the multi-node clusters on one. `pytest -n 0` runs it serially.
 # lint-imports first: the architecture's contracts (.importlinter), in under a second.
-test: $(STAMP) browser qemu
+test: $(STAMP) tools
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest -ra -n 2
 	$(MAKE) --no-print-directory test-isa

@@ -166,8 +166,8 @@ class HoldOutStop:
         by their pixel counts; an MSE below the held-out noise power's sampling error is not
         claimed: there `psnr_estimate` is that ceiling, not resolved (a lower bound
         where the noise model holds, clock; above the truth where the clipping plug-in
-        reads low, sigma 50 colour on the grid), and `estimate_at_ceiling` is 1 (0 where the estimate is resolved). How far it is off,
-        measured: docs/science.md."""
+        reads low, sigma 50 colour on the grid), and `estimate_at_ceiling` is 1 (0 where
+        the estimate is resolved). How far it is off, measured: docs/science.md."""
         pick = self.output(ema)
         r2 = (pick.detach().double() - self.observation).square()
         e_j = _mean(r2, self.held, self.count)
